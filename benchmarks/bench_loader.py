@@ -1,0 +1,172 @@
+"""Data-loading benchmark: our pipeline next to the original order of operations, and loader throughput.
+
+``python benchmarks/bench_loader.py [--data-root /data/cityscapes] [--samples 24] [--workers 2]``
+
+Per-sample rows time one training sample (image + label, 512x512 crop) on one core (OpenCV threads off),
+ours and the original re-implemented here, alternating on the same files so that both see the same disk
+cache and machine load; the median over samples is reported, and every pair of outputs is checked to be
+identical. Loader rows time ``build_loader`` batches of 8 with ``workers`` processes after the first batch.
+Without ``--data-root`` a synthetic dataset of 1024x2048 images (the Cityscapes size) is generated into a
+temporary folder.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from dataset.cityscapes import CityscapesDataset, SeededSampler, build_loader  # noqa: E402
+from dataset.synthetic import generate  # noqa: E402
+
+CROP = (512, 512)
+BATCH = 8
+_MEAN = np.array([104.00698793, 116.66876762, 122.67891434])  # float64, as in the original
+_ID_TO_TRAINID = {-1: 255, 0: 255, 1: 255, 2: 255, 3: 255, 4: 255, 5: 255, 6: 255, 7: 0, 8: 1, 9: 255, 10: 255,
+                  11: 2, 12: 3, 13: 4, 14: 255, 15: 255, 16: 255, 17: 5, 18: 255, 19: 6, 20: 7, 21: 8, 22: 9,
+                  23: 10, 24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 29: 255, 30: 255, 31: 16, 32: 17, 33: 18}
+
+
+def original_sample(image_path: str, label_path: str, crop: tuple[int, int], scale: bool, mirror: bool,
+                    rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The original ``CSTrainValSet.__getitem__``: decode, dict-loop label mapping, [uint8 scale], float,
+    minus float64 mean, pad, crop, CHW, [mirror]. Random draws from ``rng`` in our documented order."""
+    image = cv2.imread(image_path, cv2.IMREAD_COLOR)
+    label = cv2.imread(label_path, cv2.IMREAD_GRAYSCALE)
+    label_copy = label.copy()
+    for k, v in _ID_TO_TRAINID.items():
+        label_copy[label == k] = v
+    label = label_copy
+    if scale:
+        f = 0.7 + int(rng.integers(0, 15)) / 10.0
+        image = cv2.resize(image, None, fx=f, fy=f, interpolation=cv2.INTER_LINEAR)
+        label = cv2.resize(label, None, fx=f, fy=f, interpolation=cv2.INTER_NEAREST)
+    image = np.asarray(image, np.float32)
+    image = image - _MEAN
+    crop_h, crop_w = crop
+    img_h, img_w = label.shape
+    pad_h, pad_w = max(crop_h - img_h, 0), max(crop_w - img_w, 0)
+    if pad_h > 0 or pad_w > 0:
+        image = cv2.copyMakeBorder(image, 0, pad_h, 0, pad_w, cv2.BORDER_CONSTANT, value=(0.0, 0.0, 0.0))
+        label = cv2.copyMakeBorder(label, 0, pad_h, 0, pad_w, cv2.BORDER_CONSTANT, value=(255,))
+    img_h, img_w = label.shape
+    h_off = int(rng.integers(0, img_h - crop_h + 1))
+    w_off = int(rng.integers(0, img_w - crop_w + 1))
+    image = np.asarray(image[h_off:h_off + crop_h, w_off:w_off + crop_w], np.float32)
+    label = np.asarray(label[h_off:h_off + crop_h, w_off:w_off + crop_w], np.float32)
+    image = image.transpose((2, 0, 1))
+    if mirror:
+        flip = -1 if int(rng.integers(0, 2)) == 0 else 1
+        image, label = image[:, :, ::flip], label[:, ::flip]
+    return image.copy(), label.copy()
+
+
+def _paired_rows(ds: CityscapesDataset, samples: int, scale: bool, mirror: bool, tag: str) -> list[dict]:
+    """Time ours and the original alternately on the same keys; check the outputs are identical."""
+    ours_ms, original_ms = [], []
+    for i in range(samples):
+        index, seed = i % len(ds), 1000 + i
+        sample = ds.samples[index]
+        start = time.perf_counter()
+        ref_image, ref_label = original_sample(sample.image, sample.label, CROP, scale, mirror,
+                                               np.random.default_rng(seed))
+        original_ms.append((time.perf_counter() - start) * 1e3)
+        start = time.perf_counter()
+        image, label, _ = ds[(index, seed)]
+        ours_ms.append((time.perf_counter() - start) * 1e3)
+        if not (np.array_equal(image.numpy(), ref_image) and np.array_equal(label.numpy(), ref_label)):
+            raise AssertionError(f"outputs differ from the original for {sample.image} (seed {seed})")
+    original = statistics.median(original_ms)
+    ours = statistics.median(ours_ms)
+    return [
+        {"name": f"original{tag}: decode>[scale]>float>mean>crop", "ms_per_sample": original,
+         "images_per_s": 1e3 / original, "ratio": 1.0, "note": "1 core"},
+        {"name": f"ours{tag}: decode>[scale]>crop u8>LUT", "ms_per_sample": ours, "images_per_s": 1e3 / ours,
+         "ratio": ours / original, "note": f"1 core, identical output ({samples} samples)"},
+    ]
+
+
+def _cached_row(ds: CityscapesDataset, samples: int, baseline_ms: float) -> dict:
+    times = []
+    for i in range(samples):
+        start = time.perf_counter()
+        ds[(i % len(ds), 1000 + i)]
+        times.append((time.perf_counter() - start) * 1e3)
+    ms = statistics.median(times)
+    return {"name": "ours, cache_images=True (decoded in RAM)", "ms_per_sample": ms, "images_per_s": 1e3 / ms,
+            "ratio": ms / baseline_ms, "note": "1 core"}
+
+
+def _loader_row(ds: CityscapesDataset, workers: int, batches: int, name: str) -> dict:
+    indices = [i % len(ds) for i in range(BATCH * (batches + 1))]
+    loader = build_loader(ds, BATCH, sampler=SeededSampler(indices, seed=0), num_workers=workers, drop_last=True,
+                          pin_memory=False)
+    iterator = iter(loader)
+    next(iterator)  # worker start-up and the first batch are not throughput
+    start = time.perf_counter()
+    count = sum(images.shape[0] for images, _, _ in iterator)
+    seconds = time.perf_counter() - start
+    del iterator, loader
+    return {"name": name, "ms_per_sample": seconds * 1e3 / count, "images_per_s": count / seconds, "ratio": None,
+            "note": f"{workers} workers, batch {BATCH}, {count} images, {CROP[0]}x{CROP[1]} crops"}
+
+
+def run(data_root: str | None = None, samples: int = 24, workers: int = 2) -> list[dict]:
+    """Benchmark rows (dicts with name, ms_per_sample, images_per_s, ratio vs the original, note)."""
+    cv2.setNumThreads(0)  # per-sample rows measure one core, as a loader worker runs
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory(prefix="bench_loader_") as tmp:
+        if data_root is None:
+            data_root = str(generate(Path(tmp) / "synthetic", n_train=8, n_val=0, n_test=0, size=(1024, 2048)))
+        plain = CityscapesDataset(data_root, "train", crop_size=CROP, verbose=False)
+        augmented = CityscapesDataset(data_root, "train", crop_size=CROP, random_scale=True, random_mirror=True,
+                                      verbose=False)
+        rows = _paired_rows(plain, samples, scale=False, mirror=False, tag="")
+        rows += _paired_rows(augmented, samples, scale=True, mirror=True, tag=" +scale+mirror")
+        cached = CityscapesDataset(data_root, "train", crop_size=CROP, cache_images=True, verbose=False,
+                                   cache_threads=1) if len(plain) <= 64 else None
+        if cached is not None:
+            rows.append(_cached_row(cached, samples, rows[0]["ms_per_sample"]))
+        batches = max(4, samples // BATCH)
+        rows.append(_loader_row(plain, workers, batches, "loader: ours, from PNG"))
+        if cached is not None:
+            rows.append(_loader_row(cached, workers, batches, "loader: ours, cache_images=True"))
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """The rows of ``run`` as a text table (ratio: ours / the original order of operations)."""
+    lines = [f"loader, {CROP[0]}x{CROP[1]} crops",
+             f"{'':52s} {'ms/sample':>10s} {'images/s':>9s} {'ratio':>6s}  note"]
+    for row in rows:
+        ratio = "" if row["ratio"] is None else f"{row['ratio']:.2f}"
+        lines.append(f"{row['name']:52s} {row['ms_per_sample']:10.1f} {row['images_per_s']:9.1f} {ratio:>6s}  "
+                     f"{row['note']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-root", default=None, help="Cityscapes root (default: synthetic 1024x2048 data)")
+    parser.add_argument("--samples", type=int, default=24, help="samples per per-sample row (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=2, help="loader processes (default: %(default)s)")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    rows = run(args.data_root, args.samples, args.workers)
+    source = args.data_root or "synthetic 1024x2048 (8 images)"
+    print(f"data: {source}; {os.cpu_count()} CPUs; per-sample rows: median of {args.samples} samples")
+    print(format_table(rows))
+    print(f"({time.perf_counter() - start:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,242 @@
+"""How much of a training step the losses cost, next to the networks.
+
+Each loss is timed forward + backward at the paper recipe's full size (batch 8, 512x512 crop,
+65x65 logit maps): CWD on the logits (8x19x65x65) and on the PSP feature (8x512x65x65), pixel KD,
+the segmentation CE with its upsampling to 512x512, the discriminator step with the gradient
+penalty and the generator's adversarial term.
+
+The networks at that size take tens of seconds per step on a 2-core CPU, so they are *measured*
+at batch 1 and a smaller crop and *scaled* to batch 8 at 512x512 by the ratio of their conv/linear
+multiply-accumulates (MACs, counted with forward hooks). Small inputs run at lower throughput than
+large ones, so the scaled network time is, if anything, an overestimate and the loss fractions an
+underestimate on CPU; on a GPU pass ``--batch 8 --net-crop 512 512`` to measure directly.
+
+    python benchmarks/bench_losses.py            # CPU, about a minute
+    python benchmarks/bench_losses.py --quick    # smaller network crop, fewer repeats
+    python benchmarks/bench_losses.py --device cuda --net-crop 512 512 --net-batch 8
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from networks import build_model  # noqa: E402
+from networks.connector import FeatureConnector  # noqa: E402
+from networks.discriminator import Discriminator  # noqa: E402
+from utils.losses import (  # noqa: E402
+    CriterionCWD,
+    CriterionDSN,
+    CriterionKD,
+    discriminator_wgan_gp_loss,
+    generator_adversarial_loss,
+)
+
+NUM_CLASSES = 19
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def count_macs(model: nn.Module, input_size: tuple[int, int], device: torch.device) -> int:
+    """Conv + linear multiply-accumulates of one forward of one image (forward hooks).
+
+    Pass a model on the ``meta`` device (and ``device=torch.device("meta")``) to count for free.
+    """
+    total = 0
+
+    def hook(module: nn.Module, _inp: tuple, out: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(module, nn.Conv2d):
+            kh, kw = module.kernel_size
+            total += out.numel() * (module.in_channels // module.groups) * kh * kw
+        elif isinstance(module, nn.Linear):
+            total += out.numel() * module.in_features
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, 3, *input_size, device=device))
+        model.train(was_training)
+    finally:
+        for h in handles:
+            h.remove()
+    return total
+
+
+def logit_map_size(crop: tuple[int, int]) -> tuple[int, int]:
+    """Spatial size of the student's logits for a crop (512 -> 65), from a shape-only forward."""
+    with torch.device("meta"):
+        shadow = build_model("resnet18", NUM_CLASSES).eval()
+        logits = shadow(torch.zeros(1, 3, *crop))[0]
+    return int(logits.shape[2]), int(logits.shape[3])
+
+
+class Case:
+    """One timed piece of work: ``fn`` is run as is; ``scale`` converts its time to the recipe size."""
+
+    def __init__(self, name: str, what: str, fn: Callable[[], object], scale: float = 1.0,
+                 measured_at: str = "full size") -> None:
+        self.name, self.what, self.fn, self.scale, self.measured_at = name, what, fn, scale, measured_at
+        self.times: list[float] = []
+
+
+def _loss_cases(device: torch.device, batch: int, crop: tuple[int, int]) -> list[Case]:
+    """Forward + backward of each loss at the recipe size."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    h, wmap = logit_map_size(crop)
+
+    def randn(*shape: int, scale: float = 3.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * scale).to(device)
+
+    s_logits = randn(batch, NUM_CLASSES, h, wmap).requires_grad_(True)
+    s_aux = randn(batch, NUM_CLASSES, h, wmap).requires_grad_(True)
+    t_logits = randn(batch, NUM_CLASSES, h, wmap)
+    s_feat = randn(batch, 128, h, wmap).requires_grad_(True)
+    t_feat = randn(batch, 512, h, wmap).relu()
+    labels = torch.randint(0, NUM_CLASSES, (batch, *crop), generator=g).to(device)
+    connector = FeatureConnector(128, 512).to(device).train()
+    disc = Discriminator(NUM_CLASSES).to(device).train()
+
+    cwd, kd, dsn = CriterionCWD("channel", "kl", 4.0), CriterionKD(1.0), CriterionDSN()
+    shape = f"{batch}x{NUM_CLASSES}x{h}x{wmap}"
+    return [
+        Case("CWD logits", f"channel KL tau=4 on {shape}", lambda: cwd(s_logits, t_logits).backward()),
+        Case("CWD feature", f"connector 128->512 + channel KL on {batch}x512x{h}x{wmap}",
+             lambda: cwd(connector(s_feat), t_feat).backward()),
+        Case("KD", f"pixel KL T=1 on {shape}", lambda: kd(s_logits, t_logits).backward()),
+        Case("CE (DSN)", f"main+aux CE, upsampled to {batch}x{NUM_CLASSES}x{crop[0]}x{crop[1]}",
+             lambda: dsn((s_logits, s_aux), labels).backward()),
+        Case("GAN generator", f"-mean D(S), backward through D, {shape}",
+             lambda: generator_adversarial_loss(disc(s_logits)).backward()),
+        Case("GAN D step", "D(S), D(T), gradient penalty, backward (double backward)",
+             lambda: discriminator_wgan_gp_loss(disc, s_logits, t_logits, 10.0, lambda_d=0.1)[0].backward()),
+    ]
+
+
+def _network_cases(device: torch.device, batch: int, crop: tuple[int, int], net_batch: int,
+                   net_crop: tuple[int, int]) -> list[Case]:
+    """Student forward+backward and teacher forward at (net_batch, net_crop), scaled by MACs."""
+    cases = []
+    for arch, role in (("resnet18", "student fwd+bwd"), ("resnet101", "teacher fwd")):
+        meta = torch.device("meta")
+        with meta:  # shapes only: counting MACs at 512x512 costs nothing
+            shadow = build_model(arch, NUM_CLASSES)
+        macs_small = count_macs(shadow, net_crop, meta) * net_batch
+        macs_full = count_macs(shadow, crop, meta) * batch
+        torch.manual_seed(0)
+        model = build_model(arch, NUM_CLASSES).to(device)
+        x = torch.randn(net_batch, 3, *net_crop, device=device)
+        if role.startswith("student"):
+            model.train()
+
+            def step(model: nn.Module = model, x: torch.Tensor = x) -> None:
+                model.zero_grad(set_to_none=True)
+                out = model(x)
+                (out[0].float().mean() + out[1].float().mean() + out[2].float().mean()).backward()
+        else:
+            model.eval()
+
+            def step(model: nn.Module = model, x: torch.Tensor = x) -> None:
+                with torch.no_grad():
+                    model(x)
+        scale = macs_full / macs_small
+        cases.append(Case(
+            f"{role} ({arch})",
+            (f"measured at batch {net_batch} {net_crop[0]}x{net_crop[1]} ({macs_small / 1e9:.1f} GMAC fwd), "
+             f"scaled x{scale:.1f} by MACs to batch {batch} {crop[0]}x{crop[1]} ({macs_full / 1e9:.0f} GMAC fwd)"),
+            step, scale=scale, measured_at=f"batch {net_batch} {net_crop[0]}x{net_crop[1]}",
+        ))
+    return cases
+
+
+def run(quick: bool = False, device: str = "cpu", batch: int = 8, crop: tuple[int, int] = (512, 512),
+        net_batch: int = 2, net_crop: tuple[int, int] | None = None, reps: int | None = None) -> list[dict]:
+    """Time each loss (at the recipe size) and the networks (measured small, scaled by MACs).
+
+    The cases run round-robin (one of each per repeat) so that load from other processes falls on
+    all of them alike; each time is the median over repeats. Returns one row per case,
+    ``{name, what, seconds, measured_seconds, measured_at, scaled, frac_student, frac_networks,
+    device}`` (fractions of the student fwd+bwd, and of student fwd+bwd + teacher fwd, at the
+    recipe size), then an ``all losses`` row (CE + CWD logits + KD + both GAN terms).
+    """
+    dev = torch.device(device)
+    if net_crop is None:
+        net_crop = (128, 128) if quick else (256, 256)
+    if reps is None:
+        reps = 1 if quick else 2
+    cases = _loss_cases(dev, batch, crop) + _network_cases(dev, batch, crop, net_batch, tuple(net_crop))
+    for case in cases:  # warm-up: allocator, one-off initialisation
+        case.fn()
+    _sync(dev)
+    for _ in range(reps):
+        for case in cases:
+            t0 = time.perf_counter()
+            case.fn()
+            _sync(dev)
+            case.times.append(time.perf_counter() - t0)
+    rows = []
+    for case in cases:
+        measured = statistics.median(case.times)
+        rows.append({"name": case.name, "what": case.what, "seconds": measured * case.scale,
+                     "measured_seconds": measured, "measured_at": case.measured_at, "scaled": case.scale != 1.0})
+    student = rows[-2]["seconds"]
+    networks = student + rows[-1]["seconds"]
+    total = sum(r["seconds"] for r in rows[:-2] if r["name"] != "CWD feature")
+    rows.insert(len(rows) - 2, {"name": "all losses", "what": "CE + CWD logits + KD + GAN (G and D): the heaviest recipe",
+                                "seconds": total, "measured_seconds": total, "measured_at": "full size", "scaled": False})
+    for r in rows:
+        r["frac_student"] = r["seconds"] / student
+        r["frac_networks"] = r["seconds"] / networks
+        r["device"] = device
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """The rows as an aligned text table."""
+    head = f"{'term':<34} {'ms':>10} {'/student':>9} {'/nets':>7}  what"
+    lines = ["loss cost per training step (forward + backward), " + (rows[0]["device"] if rows else ""), head,
+             "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['name']:<34} {r['seconds'] * 1e3:>10.1f} {r['frac_student']:>8.1%} "
+                     f"{r['frac_networks']:>6.1%}  {r['what']}")
+    lines.append("/student: fraction of the student forward+backward; /nets: of student fwd+bwd + teacher fwd. "
+                 "Network rows marked 'scaled' were measured at the small size shown and scaled by MACs.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch", type=int, default=8, help="recipe batch for the losses and the scaled networks")
+    p.add_argument("--crop", type=int, nargs=2, default=(512, 512), help="recipe crop")
+    p.add_argument("--net-batch", type=int, default=2, help="batch at which the networks are measured (>= 2: BatchNorm of the 1x1 PSP bin needs it in train mode)")
+    p.add_argument("--net-crop", type=int, nargs=2, default=None, help="crop at which the networks are measured")
+    p.add_argument("--reps", type=int, default=None)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    a = p.parse_args(argv)
+    rows = run(quick=a.quick, device=a.device, batch=a.batch, crop=tuple(a.crop), net_batch=a.net_batch,
+               net_crop=tuple(a.net_crop) if a.net_crop else None, reps=a.reps)
+    print(format_table(rows))
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

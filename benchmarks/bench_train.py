@@ -1,0 +1,144 @@
+"""Training-step throughput with each speed switch, measured side by side in one run.
+
+Each setting runs in its own process (so peak memory is its own) on the same synthetic batch, through
+``train.train_step`` — the exact function the training loop calls. The reference row is fp32, NCHW, eager.
+
+    python benchmarks/bench_train.py                       # CPU: 128x128 crops, batch 2
+    python benchmarks/bench_train.py --crop 512 512 --batch 8 --device cuda   # the paper recipe on a GPU
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SETTINGS = {
+    # name: (amp, channels_last, compile)
+    "fp32 NCHW eager": ("none", False, False),
+    "fp32 channels_last": ("none", True, False),
+    "bf16 NCHW": ("bf16", False, False),
+    "bf16 channels_last": ("bf16", True, False),
+    "bf16 channels_last compile": ("bf16", True, True),
+}
+
+
+def measure_one(setting: str, crop: tuple[int, int], batch: int, steps: int, warmup: int, device: str,
+                recipe: str) -> dict:
+    """Time ``steps`` calls of train_step after ``warmup`` calls; runs in the current process."""
+    sys.path.insert(0, str(ROOT))
+    import resource
+
+    import torch
+
+    import train
+    from utils.distributed import DistInfo, resolve_device
+
+    amp, channels_last, compile_ = SETTINGS[setting]
+    recipe_flags = {
+        "cwd-logits": ["--cwd", "True"],
+        "cwd-kd-adv": ["--cwd", "True", "--kd", "True", "--adv", "True"],
+        "baseline": [],
+    }[recipe]
+    args = train.resolve_args([
+        "--amp", amp, "--channels-last", str(channels_last), "--compile", str(compile_), "--device", device,
+        "--input-size", f"{crop[0]},{crop[1]}", "--batch-size", str(batch), "--teacher-ckpt", "random",
+        "--student-init", "random", *recipe_flags,
+    ])
+    torch.manual_seed(0)
+    info = DistInfo(device=resolve_device(device))
+    engine = train.build_engine(args, info)
+    quiet = lambda *_: None  # noqa: E731
+    import contextlib
+    import io
+
+    with contextlib.redirect_stderr(io.StringIO()):  # the random-weights warnings
+        models = train.build_models(args, info, quiet)
+    criteria, weights = train.build_criteria(args)
+    opt_g, opt_d = train.build_optimizers(args, models)
+    mem = torch.channels_last if channels_last else torch.contiguous_format
+    images = torch.randn(batch, 3, *crop, device=info.device).to(memory_format=mem)
+    labels = torch.randint(0, 19, (batch, *crop), device=info.device)
+    labels[:, :4] = 255
+    micro = [(images, labels)]
+
+    def sync():
+        if info.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(warmup):
+        train.train_step(micro, models, criteria, weights, opt_g, opt_d, engine)
+    sync()
+    if info.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        terms = train.train_step(micro, models, criteria, weights, opt_g, opt_d, engine)
+    sync()
+    seconds = (time.perf_counter() - t0) / steps
+    if info.device.type == "cuda":
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from networks.summary import training_step_flops
+
+    flops = training_step_flops("resnet18", args.teacher_arch if models.teacher is not None else None, crop, batch)
+    return {
+        "setting": setting, "ms_per_step": 1000 * seconds, "images_per_s": batch / seconds,
+        "tflops": flops / seconds / 1e12, "peak_mem_mb": peak_mb, "loss": float(terms["total"]),
+    }
+
+
+def run(crop: tuple[int, int] = (128, 128), batch: int = 2, steps: int = 4, warmup: int = 2, device: str = "cpu",
+        recipe: str = "cwd-logits", settings: list[str] | None = None, with_compile: bool = False) -> list[dict]:
+    """Measure every setting in its own subprocess; returns rows with ``ratio`` to the fp32 NCHW eager row."""
+    names = settings or [s for s in SETTINGS if with_compile or "compile" not in s]
+    rows = []
+    for name in names:
+        cmd = [sys.executable, __file__, "--one", name, "--crop", str(crop[0]), str(crop[1]), "--batch", str(batch),
+               "--steps", str(steps), "--warmup", str(warmup), "--device", device, "--recipe", recipe]
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ))
+        if out.returncode != 0:
+            raise RuntimeError(f"benchmark setting {name!r} failed:\n{out.stderr[-3000:]}")
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    ref = rows[0]["images_per_s"]
+    for r in rows:
+        r["ratio"] = r["images_per_s"] / ref
+    return rows
+
+
+def format_table(rows: list[dict], title: str) -> str:
+    lines = [title, f"{'setting':<28} {'ms/step':>9} {'img/s':>8} {'TFLOP/s':>8} {'peak MB':>9} {'ratio':>6}"]
+    for r in rows:
+        lines.append(f"{r['setting']:<28} {r['ms_per_step']:>9.1f} {r['images_per_s']:>8.2f} {r['tflops']:>8.3f} "
+                     f"{r['peak_mem_mb']:>9.0f} {r['ratio']:>5.2f}x")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--crop", type=int, nargs=2, default=(128, 128))
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--recipe", default="cwd-logits", choices=["cwd-logits", "cwd-kd-adv", "baseline"])
+    p.add_argument("--compile", action="store_true", help="add the torch.compile row (10-20 s cold start on CPU)")
+    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: measure one setting, print JSON
+    a = p.parse_args(argv)
+    if a.one:
+        print(json.dumps(measure_one(a.one, tuple(a.crop), a.batch, a.steps, a.warmup, a.device, a.recipe)))
+        return
+    rows = run(tuple(a.crop), a.batch, a.steps, a.warmup, a.device, a.recipe, with_compile=a.compile)
+    print(format_table(rows, f"training step, {a.recipe}, batch {a.batch}, crop {a.crop[0]}x{a.crop[1]}, {a.device}"))
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

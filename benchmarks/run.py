@@ -1,0 +1,81 @@
+"""All benchmarks in one run: data loader, loss cost, training step (each speed switch), evaluation.
+
+    python benchmarks/run.py            # this machine, a few minutes on 2 CPU cores
+    python benchmarks/run.py --quick    # smaller settings, for a smoke check
+    python benchmarks/run.py --device cuda --crop 512 512 --batch 8 --compile   # a GPU, the paper recipe
+
+Every ratio compares settings measured side by side in this same run; nothing is compared with figures
+from another machine or another day. Results go to ``--json`` (default benchmarks/latest.json) and are
+printed as tables; RESULTS.md records figures with the machine they came from.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def machine() -> dict:
+    import torch
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--crop", type=int, nargs=2, default=(128, 128), help="training-step crop")
+    p.add_argument("--batch", type=int, default=2, help="training-step batch")
+    p.add_argument("--compile", action="store_true", help="add torch.compile rows")
+    p.add_argument("--quick", action="store_true", help="fewer steps and images")
+    p.add_argument("--only", nargs="*", default=None, choices=["loader", "losses", "train", "eval"])
+    p.add_argument("--json", default=str(ROOT / "benchmarks" / "latest.json"))
+    a = p.parse_args(argv)
+    todo = a.only or ["loader", "losses", "train", "eval"]
+    results: dict = {"machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+    if "loader" in todo:
+        import bench_loader
+
+        rows = bench_loader.run(samples=8 if a.quick else 24)
+        results["loader"] = rows
+        print(bench_loader.format_table(rows), flush=True)
+    if "losses" in todo:
+        import bench_losses
+
+        rows = bench_losses.run(quick=a.quick)
+        results["losses"] = rows
+        print("\n" + bench_losses.format_table(rows), flush=True)
+    if "train" in todo:
+        import bench_train
+
+        steps = 2 if a.quick else 4
+        rows = bench_train.run(tuple(a.crop), a.batch, steps=steps, warmup=1 if a.quick else 2, device=a.device,
+                               with_compile=a.compile)
+        results["train"] = rows
+        print("\n" + bench_train.format_table(
+            rows, f"training step, CWD logits, batch {a.batch}, crop {a.crop[0]}x{a.crop[1]}, {a.device}"), flush=True)
+    if "eval" in todo:
+        import bench_eval
+
+        rows = bench_eval.run(device=a.device, images=1 if a.quick else 2)
+        results["eval"] = rows
+        print("\n" + bench_eval.format_table(rows), flush=True)
+
+    Path(a.json).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nresults: {a.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""Cityscapes data: label table, sample lists, preprocessing, Dataset/DataLoader, synthetic generator."""
+from dataset.cityscapes import (
+    IMG_MEAN_BGR,
+    CityscapesDataset,
+    DatasetError,
+    Sample,
+    SeededSampler,
+    build_loader,
+    read_image,
+    read_label,
+    read_list_file,
+    sample_seed,
+    scan_split,
+    worker_init_fn,
+)
+from dataset.labels import (
+    CLASS_NAMES,
+    IGNORE_LABEL,
+    LABEL_ID_TO_TRAIN_ID,
+    NUM_CLASSES,
+    TRAIN_ID_COLORS,
+    TRAIN_ID_TO_LABEL_ID,
+)
+
+
+def __getattr__(name: str):
+    # Lazy, so that `python -m dataset.synthetic` does not import its own module twice (runpy warning).
+    if name == "generate":
+        from dataset.synthetic import generate
+
+        return generate
+    raise AttributeError(f"module 'dataset' has no attribute {name!r}")
+
+__all__ = [
+    "IMG_MEAN_BGR", "CityscapesDataset", "DatasetError", "Sample", "SeededSampler", "build_loader",
+    "read_image", "read_label", "read_list_file", "sample_seed", "scan_split", "worker_init_fn",
+    "CLASS_NAMES", "IGNORE_LABEL", "LABEL_ID_TO_TRAIN_ID", "NUM_CLASSES", "TRAIN_ID_COLORS",
+    "TRAIN_ID_TO_LABEL_ID", "generate",
+]

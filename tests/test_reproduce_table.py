@@ -1,0 +1,105 @@
+"""tools/reproduce_table.py on generated checkpoints under the released file names."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dataset import CityscapesDataset
+from dataset.synthetic import generate
+from networks import build_model
+from tests.factories import random_state_dict, write_legacy_student, write_legacy_teacher
+from tools import reproduce_table
+from tools.reproduce_table import RELEASED_CHECKPOINTS
+
+TEACHER, STUDENT_A, STUDENT_B = (c.file for c in RELEASED_CHECKPOINTS)
+MAX_IMAGES = 2
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> Path:
+    return generate(tmp_path_factory.mktemp("data") / "cityscapes", n_train=0, n_val=3, n_test=0,
+                    size=(64, 128), seed=3)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("ckpt")
+    write_legacy_teacher(folder / TEACHER, seed=0)
+    write_legacy_student(folder / STUDENT_A, seed=1)
+    write_legacy_student(folder / STUDENT_B, seed=2)
+    return folder
+
+
+def reference_miou(arch: str, seed: int, root: Path, n: int) -> float:
+    """Whole-image mIoU (percent) computed here from the generated weights, with NumPy bookkeeping."""
+    model = build_model(arch)
+    model.load_state_dict(random_state_dict(arch, seed))
+    model.eval()
+    dataset = CityscapesDataset(root, "val", crop_size=None, verbose=False)
+    conf = np.zeros((19, 19), dtype=np.int64)
+    for i in range(n):
+        image, label, _ = dataset[i]
+        with torch.no_grad():
+            logits = model(image[None])[0]
+        pred = F.interpolate(logits, size=label.shape, mode="bilinear", align_corners=True).argmax(1)[0].numpy()
+        gt = label.numpy().astype(np.int64)
+        keep = gt != 255
+        np.add.at(conf, (gt[keep], pred[keep]), 1)
+    tp = np.diag(conf)
+    return 100 * float(np.mean(tp / np.maximum(1, conf.sum(0) + conf.sum(1) - tp)))
+
+
+def test_table_lists_the_released_files():
+    assert [c.published_val for c in RELEASED_CHECKPOINTS] == [78.56, 75.02, 75.90]
+    assert [c.published_test for c in RELEASED_CHECKPOINTS] == [None, 73.86, 74.58]
+    assert [c.arch for c in RELEASED_CHECKPOINTS] == ["resnet101", "resnet18", "resnet18"]
+    assert all(c.protocol == {"mode": "whole", "scales": [1.0], "flip": False} for c in RELEASED_CHECKPOINTS)
+
+
+def test_all_present_are_evaluated(synth, ckpts, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = reproduce_table.main(["--ckpt-dir", str(ckpts), "--data-dir", str(synth), "--max-images", str(MAX_IMAGES),
+                               "--device", "cpu", "--out-dir", str(out), "--num-workers", "0", "--no-progress"])
+    assert rc == 0
+    rows = json.loads((out / "reproduce_table.json").read_text())["rows"]
+    assert [r["status"] for r in rows] == ["ok", "ok", "ok"]
+    for row, (arch, seed) in zip(rows, [("resnet101", 0), ("resnet18", 1), ("resnet18", 2)]):
+        assert row["measured"] == pytest.approx(reference_miou(arch, seed, synth, MAX_IMAGES), abs=1e-6)
+        assert row["delta"] == pytest.approx(row["measured"] - row["published_val"])
+        assert row["results"]["num_images"] == MAX_IMAGES
+    table = (out / "reproduce_table.md").read_text()
+    assert f"| `{STUDENT_A}` | resnet18 | whole, scales [1.0], no flip | 75.02 | {rows[1]['measured']:.2f} |" in table
+    assert "not comparable" in table  # --max-images is flagged
+    assert table in capsys.readouterr().out
+
+
+def test_missing_and_wrong_files_are_reported(synth, ckpts, tmp_path, capsys):
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    os.symlink(ckpts / STUDENT_A, partial / STUDENT_A)
+    os.symlink(ckpts / STUDENT_B, partial / TEACHER)  # a student under the teacher's name
+    out = tmp_path / "out"
+    rc = reproduce_table.main(["--ckpt-dir", str(partial), "--data-dir", str(synth), "--max-images", "1",
+                               "--device", "cpu", "--out-dir", str(out), "--num-workers", "0", "--no-progress"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    rows = {r["file"]: r for r in json.loads((out / "reproduce_table.json").read_text())["rows"]}
+    assert rows[STUDENT_A]["status"] == "ok"
+    assert rows[STUDENT_B]["status"] == "missing" and rows[STUDENT_B]["measured"] is None
+    assert f"missing: {partial / STUDENT_B} not found" in printed
+    assert rows[TEACHER]["status"] == "error" and "holds a resnet18 network, not resnet101" in rows[TEACHER]["message"]
+
+
+def test_nothing_found_exits_1(synth, tmp_path, capsys):
+    rc = reproduce_table.main(["--ckpt-dir", str(tmp_path / "none"), "--data-dir", str(synth),
+                               "--out-dir", str(tmp_path / "out"), "--device", "cpu"])
+    assert rc == 1
+    captured = capsys.readouterr()
+    assert sum(line.startswith("missing: ") for line in captured.out.splitlines()) == 3
+    assert "no checkpoint could be evaluated" in captured.err

@@ -1,0 +1,192 @@
+"""Evaluate the released CWD checkpoints and print published vs measured mIoU side by side.
+
+    python -m tools.reproduce_table --data-dir data/cityscapes --ckpt-dir ckpt
+
+Every file of :data:`RELEASED_CHECKPOINTS` found in ``--ckpt-dir`` is evaluated with the protocol its
+number was published with (all of them: whole 1024x2048 image, one scale, no flip, on val); a missing
+file is reported with where to get it. The table is printed and written as JSON and markdown into
+``--out-dir``. Exit status 1 when no checkpoint could be evaluated. The ImageNet initialisation
+(``resnet18-imagenet.pth``) has no mIoU and is not listed. Test-split numbers come from the
+benchmark server: with ``--split test`` each checkpoint's ``submission.zip`` is written instead.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+if __package__ in (None, ""):  # run as a file (python tools/x.py): make the repo root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from evaluate import AMP_CHOICES, EvaluationError, build_eval_dataset, build_eval_loader, evaluate_model, load_model, \
+    resolve_device, sha256_file
+from utils.checkpoint import CheckpointError
+
+SEE_README = "see TorchDistiller README"
+WHOLE_SINGLE_SCALE = {"mode": "whole", "scales": [1.0], "flip": False}
+
+
+@dataclass(frozen=True)
+class ReleasedCheckpoint:
+    """One released file and the numbers published for it (mIoU in percent)."""
+
+    file: str
+    description: str
+    arch: str
+    published_val: float | None
+    published_test: float | None
+    link: str
+    note: str = ""
+    protocol: dict = field(default_factory=lambda: dict(WHOLE_SINGLE_SCALE))
+
+
+RELEASED_CHECKPOINTS: tuple[ReleasedCheckpoint, ...] = (
+    ReleasedCheckpoint(
+        "teacher_city.pth", "PSPNet-R101 teacher", "resnet101", 78.56, None,
+        "Google Drive (id starts 1epiJnLi…); " + SEE_README,
+        note="78.56 is the paper's number; IFVD issue #6 measured this released file at 78.32",
+    ),
+    ReleasedCheckpoint(
+        "new_rn18-cityscape_singleAndWhole_val-75.02_test-73.86.pth",
+        "PSPNet-R18 student, CWD on logits", "resnet18", 75.02, 73.86, SEE_README,
+        note="README: CWD-only runs fluctuate 74.6-75.0; drilistbox/CWD spells it 75.05 once",
+    ),
+    ReleasedCheckpoint(
+        "new_rn18-cityscape_singleAndWhole_val-75.90_test-74.58.pth",
+        "PSPNet-R18 student, probably CWD + pixel KD + GAN (README example 2)", "resnet18", 75.90, 74.58,
+        SEE_README, note="the recipe is inferred, not stated by the authors",
+    ),
+)
+
+
+def reproduce(
+    ckpt_dir: str | Path,
+    data_dir: str | Path,
+    split: str = "val",
+    max_images: int | None = None,
+    device: str | None = None,
+    out_dir: str | Path | None = None,
+    batch_size: int = 1,
+    num_workers: int = 2,
+    amp: str = "none",
+    progress: bool = True,
+    checkpoints: Sequence[ReleasedCheckpoint] = RELEASED_CHECKPOINTS,
+) -> list[dict[str, Any]]:
+    """Evaluate each present checkpoint; one row per entry with ``status`` "ok", "missing" or "error".
+
+    Rows: ``file, description, arch, published_val, published_test, link, note, protocol, status,
+    message, measured`` (mIoU in percent on ``split``, None for test or when not evaluated),
+    ``delta`` (measured - published on val), ``sha256``, ``results`` (the evaluate_model dict).
+    """
+    ckpt_dir = Path(ckpt_dir)
+    dev = resolve_device(device)
+    dataset = None
+    rows = []
+    for entry in checkpoints:
+        row: dict[str, Any] = {**asdict(entry), "status": "missing", "message": "", "measured": None,
+                               "delta": None, "sha256": None, "results": None}
+        rows.append(row)
+        path = ckpt_dir / entry.file
+        if not path.is_file():
+            row["message"] = f"{path} not found; download it ({entry.link}) into {ckpt_dir}"
+            print(f"missing: {row['message']}", flush=True)
+            continue
+        try:
+            model, _ = load_model(path, entry.arch)
+        except (CheckpointError, EvaluationError) as exc:  # a bad file must not stop the other rows
+            row.update(status="error", message=f"{path}: {exc}")
+            print(f"error: {row['message']}", flush=True)
+            continue
+        if dataset is None:  # built once, and only when there is something to evaluate
+            dataset = build_eval_dataset(data_dir, split, max_images=max_images)
+        loader = build_eval_loader(dataset, batch_size, num_workers)
+        save_dir = Path(out_dir) / Path(entry.file).stem if (out_dir is not None and split == "test") else None
+        print(f"evaluating {path} ({entry.arch}) on {len(dataset)} {split} images, {entry.protocol}", flush=True)
+        results = evaluate_model(model, loader, device=dev, amp=amp, split=split, save_dir=save_dir,
+                                 progress=progress, **_protocol_kwargs(entry.protocol))
+        row.update(status="ok", sha256=sha256_file(path), results=results)
+        if split == "val":
+            row["measured"] = 100 * results["miou"]
+            if entry.published_val is not None:
+                row["delta"] = row["measured"] - entry.published_val
+        else:
+            row["message"] = f"submit {results['outputs']['zip']} to the benchmark server" if save_dir else ""
+        del model
+    return rows
+
+
+def _protocol_kwargs(protocol: dict) -> dict:
+    return {"mode": protocol["mode"], "scales": tuple(protocol["scales"]), "flip": protocol["flip"]}
+
+
+def _fmt(value: float | None) -> str:
+    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2f}"
+
+
+def format_markdown(rows: Sequence[dict], split: str = "val", max_images: int | None = None) -> str:
+    """The side-by-side table as markdown (mIoU in percent)."""
+    published = "published val" if split == "val" else "published test"
+    lines = [f"| checkpoint | arch | protocol | {published} | measured {split} | Δ | status |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        p = r["protocol"]
+        protocol = f"{p['mode']}, scales {p['scales']}, {'flip' if p['flip'] else 'no flip'}"
+        pub = r["published_val"] if split == "val" else r["published_test"]
+        lines.append(f"| `{r['file']}` | {r['arch']} | {protocol} | {_fmt(pub)} | {_fmt(r['measured'])} | "
+                     f"{_fmt(r['delta'])} | {r['status']} |")
+    notes = [f"- `{r['file']}`: {r['note']}" for r in rows if r["note"]]
+    notes += [f"- {r['status']}: {r['message']}" for r in rows if r["message"]]
+    if max_images is not None:
+        notes.append(f"- only the first {max_images} images were evaluated: not comparable with the published numbers")
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Published vs measured mIoU of the released CWD checkpoints",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt-dir", default="ckpt", help="folder holding the released files")
+    p.add_argument("--data-dir", required=True, help="Cityscapes root (leftImg8bit/, gtFine/)")
+    p.add_argument("--split", choices=("val", "test"), default="val",
+                   help="val: measure mIoU; test: write each checkpoint's submission.zip into --out-dir")
+    p.add_argument("--max-images", type=int, default=None, help="only the first N images (tests, quick looks)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N; default: cuda if available else cpu")
+    p.add_argument("--amp", choices=AMP_CHOICES, default="none", help="autocast of the forward (none: fp32)")
+    p.add_argument("--batch-size", type=int, default=1, help="images per forward")
+    p.add_argument("--num-workers", type=int, default=2, help="data-loading processes")
+    p.add_argument("--out-dir", default="outputs/reproduce_table", help="where the JSON and markdown go")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the table; returns the exit status (1 when nothing could be evaluated)."""
+    args = get_args_parser().parse_args(argv)
+    out_dir = Path(args.out_dir)
+    try:
+        rows = reproduce(args.ckpt_dir, args.data_dir, args.split, args.max_images, args.device, out_dir,
+                         args.batch_size, args.num_workers, args.amp, args.progress)
+    except EvaluationError as exc:
+        print(f"reproduce_table: error: {exc}", file=sys.stderr)
+        return 2
+    table = format_markdown(rows, args.split, args.max_images)
+    print()
+    print(table)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "reproduce_table.md").write_text(table)
+    payload = {"split": args.split, "max_images": args.max_images, "ckpt_dir": str(Path(args.ckpt_dir).resolve()),
+               "data_dir": str(Path(args.data_dir).resolve()), "rows": rows}
+    (out_dir / "reproduce_table.json").write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {out_dir / 'reproduce_table.md'} and {out_dir / 'reproduce_table.json'}")
+    if not any(r["status"] == "ok" for r in rows):
+        print(f"reproduce_table: no checkpoint could be evaluated; put the released files into {args.ckpt_dir}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Prediction images: trainIds coloured with the official Cityscapes palette, and id PNGs.
+
+The palette is ``dataset.labels.TRAIN_ID_COLORS`` (the colours of ``cityscapesscripts.helpers.labels``),
+not the VOC bit-pattern palette the original wrote. PNGs are written with OpenCV, which expects BGR,
+so colour images are converted from RGB before writing.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from dataset.labels import NUM_CLASSES, TRAIN_ID_COLORS, TRAIN_ID_TO_LABEL_ID
+
+IGNORE_COLOR = (0, 0, 0)
+
+
+def _as_uint8_ids(train_ids: np.ndarray | torch.Tensor) -> np.ndarray:
+    if isinstance(train_ids, torch.Tensor):
+        train_ids = train_ids.detach().cpu().numpy()
+    ids = np.asarray(train_ids)
+    if ids.ndim != 2:
+        raise ValueError(f"expected an [H, W] map of trainIds, got shape {ids.shape}")
+    if ids.size and (ids.min() < 0 or ids.max() > 255):
+        raise ValueError(f"trainIds must be in [0, 255], got range [{ids.min()}, {ids.max()}]")
+    return ids.astype(np.uint8, copy=False)
+
+
+def colorize(train_ids: np.ndarray | torch.Tensor) -> np.ndarray:
+    """An ``[H, W, 3]`` uint8 RGB image of an ``[H, W]`` trainId map; ignore (and unknown ids) are black."""
+    ids = _as_uint8_ids(train_ids)
+    lut = np.zeros((256, 3), dtype=np.uint8)
+    lut[:] = IGNORE_COLOR
+    lut[:NUM_CLASSES] = TRAIN_ID_COLORS
+    return lut[ids]
+
+
+def train_ids_to_label_ids(train_ids: np.ndarray | torch.Tensor) -> np.ndarray:
+    """The labelIds (7 = road, ..., 33 = bicycle) of an ``[H, W]`` trainId map, uint8; 255 becomes 0."""
+    return TRAIN_ID_TO_LABEL_ID[_as_uint8_ids(train_ids)]
+
+
+def _write_png(path: str | Path, image: np.ndarray) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), image):
+        raise OSError(f"could not write {path} (is the folder writable and the name a .png?)")
+    return path
+
+
+def save_color_png(path: str | Path, train_ids: np.ndarray | torch.Tensor) -> Path:
+    """Write the palette-coloured trainId map as an RGB PNG (converted to BGR for OpenCV)."""
+    return _write_png(path, cv2.cvtColor(colorize(train_ids), cv2.COLOR_RGB2BGR))
+
+
+def save_train_id_png(path: str | Path, train_ids: np.ndarray | torch.Tensor) -> Path:
+    """Write the trainIds as a single-channel uint8 PNG."""
+    return _write_png(path, _as_uint8_ids(train_ids))
+
+
+def save_label_id_png(path: str | Path, train_ids: np.ndarray | torch.Tensor) -> Path:
+    """Write the trainIds mapped to labelIds as a single-channel uint8 PNG (what the benchmark server reads)."""
+    return _write_png(path, train_ids_to_label_ids(train_ids))
