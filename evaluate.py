@@ -35,6 +35,7 @@ from dataset import CityscapesDataset, DatasetError, build_loader
 from dataset.labels import CLASS_NAMES, NUM_CLASSES
 from networks import build_model
 from utils.checkpoint import CheckpointError, infer_arch, load_state_dict_file, load_student, load_teacher
+from utils.distributed import DeviceError, resolve_device
 from utils.inference import parse_overlap, predict_logits, tile_stride
 from utils.metrics import ConfusionMatrix, format_table, iou_from_confusion, official_miou
 from utils.visualize import save_color_png, save_label_id_png, save_train_id_png
@@ -102,29 +103,6 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--official-check", action="store_true",
                    help="after writing the labelId PNGs (val, needs --save-dir), score them with cityscapesscripts")
     return p
-
-
-def resolve_device(device: str | None, gpu: str | None = None) -> torch.device:
-    """``--device`` / ``--gpu`` -> a device; asking for CUDA on a machine without it is an error."""
-    if gpu is not None and str(gpu) != "None":
-        if not str(gpu).isdigit():
-            raise EvaluationError(f"--gpu {gpu!r}: expected a GPU index such as 0")
-        gpu_device = f"cuda:{gpu}"
-        if device not in (None, "auto") and torch.device(device) != torch.device(gpu_device):
-            raise EvaluationError(f"--gpu {gpu} and --device {device} disagree; pass only one of them")
-        device = gpu_device
-    if device is None or device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise EvaluationError(f"--device {device!r} is not a device name (cpu, cuda, cuda:N)") from exc
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise EvaluationError(f"--device {device} was asked for, but this machine has no CUDA GPU; use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise EvaluationError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) visible")
-    return dev
 
 
 # --------------------------------------------------------------------------------------------------
@@ -420,7 +398,7 @@ def cli(argv: list[str] | None = None) -> int:
     """Console entry: :func:`main`, with clear one-line errors (exit status 2) instead of tracebacks."""
     try:
         main(argv)
-    except (EvaluationError, CheckpointError, DatasetError) as exc:
+    except (EvaluationError, CheckpointError, DatasetError, DeviceError) as exc:
         print(f"evaluate.py: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -23,7 +23,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,14 +32,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dataset import CityscapesDataset
+from dataset import CityscapesDataset, DatasetError
 from dataset.cityscapes import build_loader
 from libs import convert_sync_abn
 from networks import PSP_FEATURE_CHANNELS, build_model
 from networks.connector import FeatureConnector
 from networks.discriminator import MIN_INPUT_SIZE, Discriminator
 from utils import checkpoint as ckpt
-from utils.distributed import DistInfo, average_buffers, average_gradients, barrier, cleanup, init_distributed
+from utils.distributed import (
+    DeviceError,
+    DistInfo,
+    average_buffers,
+    average_gradients,
+    barrier,
+    cleanup,
+    init_distributed,
+)
 from utils.losses import (
     CriterionCWD,
     CriterionDSN,
@@ -155,7 +163,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("engine")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    g.add_argument("--gpu", default=None, help="the original's GPU index; same as --device cuda:N")
+    g.add_argument("--gpu", default=None, help="the original's GPU index: the same as --device cuda:N")
     g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"],
                    help="autocast precision; auto = bf16 on a GPU that has it, none on CPU")
     g.add_argument("--channels-last", default=None, **flag, help="NHWC memory format (default: on GPU)")
@@ -167,9 +175,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 # What --demo changes, unless the flag was given on the command line.
 DEMO_SETTINGS: dict[str, Any] = dict(
-    data_dir="data/synthetic", input_size=(96, 96), batch_size=4, num_steps=120, lr_g=0.01,
-    T_ckpt_path=RANDOM, teacher_arch="resnet18", is_student_load_imgnet=False, num_workers=2,
-    save_last_every=40, log_every=10, save_name=None,
+    data_dir="data/synthetic", input_size=(96, 96), batch_size=4, num_steps=120, cwd=True,
+    T_ckpt_path=RANDOM, is_student_load_imgnet=False, num_workers=2, save_last_every=40, log_every=10,
 )
 DEMO_DATASET = dict(n_train=24, n_val=6, n_test=4, size=(256, 512), seed=0)
 
@@ -196,9 +203,11 @@ def format_number(x: float) -> str:
 
 def default_run_name(args: argparse.Namespace) -> str:
     """Same shape as exp_cwd.sh's ``${KD}_${ADV}_${FEAT}_${NORM}_${DIVERGENCE}_${WEIGHT}_${TEMPERATURE}_${VERSION}``."""
+    if args.demo:
+        return "demo" if args.cwd or args.kd or args.adv else "demo_baseline"
     if not (args.cwd or args.kd or args.adv):
-        return "baseline" if not args.demo else "demo_baseline"
-    version = "demo" if args.demo else "train"
+        return "baseline"
+    version = "train"
     return "_".join([str(args.kd), str(args.adv), str(args.cwd_feat), args.norm_type, args.divergence,
                      format_number(args.lambda_cwd), format_number(args.temperature), version])
 
@@ -212,10 +221,6 @@ def resolve_args(argv: list[str] | None = None) -> argparse.Namespace:
         for key, value in DEMO_SETTINGS.items():
             if key not in given:
                 setattr(args, key, value)
-    if args.gpu is not None and args.device == "auto":
-        args.device = f"cuda:{int(args.gpu)}" if torch.cuda.is_available() else "cpu"
-        if not torch.cuda.is_available():
-            print(f"note: --gpu {args.gpu} given but this machine has no CUDA GPU; training on the CPU")
     if args.save_name is None:
         args.save_name = default_run_name(args)
     errors = []
@@ -378,10 +383,6 @@ def build_engine(args: argparse.Namespace, info: DistInfo) -> Engine:
         args.channels_last = device.type == "cuda"
     if args.deterministic is None:
         args.deterministic = device.type == "cpu"
-    if device.type == "cpu":
-        # Subnormal floats (e.g. the softmax of large random-init logits) make CPU kernels ~25x slower;
-        # flushing them to zero changes nothing above 1e-38.
-        torch.set_flush_denormal(True)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[args.amp]
 
     def autocast():
@@ -691,7 +692,7 @@ def run_evaluation(args, models: Models, engine: Engine, run_dir: Path, step: in
 
 def main(argv: list[str] | None = None) -> int:
     args = resolve_args(argv)
-    info = init_distributed(args.device)
+    info = init_distributed(args.device, args.gpu)
     engine = build_engine(args, info)
     run_dir = Path(args.save_dir) / args.save_name
     if args.demo:
@@ -763,7 +764,7 @@ def main(argv: list[str] | None = None) -> int:
     best_miou = -1.0
     step = start_step
     data_iter = iter(loader) if start_step < args.num_steps else None
-    window_start, window_data, window_steps = time.perf_counter(), 0.0, 0
+    window_start, window_data, window_steps, window_terms = time.perf_counter(), 0.0, 0, {}
     non_blocking = info.device.type == "cuda"
     mem = torch.channels_last if engine.channels_last else torch.contiguous_format
     try:
@@ -786,9 +787,12 @@ def main(argv: list[str] | None = None) -> int:
             terms = train_step(micro, models, criteria, weights, opt_g, opt_d, engine)
             step += 1
             window_steps += 1
+            for k, v in terms.items():  # summed on the device; read once per log line
+                window_terms[k] = window_terms[k] + v if k in window_terms else v
 
             if step % args.log_every == 0 or step == args.num_steps or step == start_step + 1:
-                values = {k: float(v) for k, v in terms.items()}  # the only host sync of the loop
+                # the only host sync of the loop: mean of each term over the steps since the last line
+                values = {k: float(v) / window_steps for k, v in window_terms.items()}
                 if not all(math.isfinite(v) for v in values.values()):
                     raise FloatingPointError(f"non-finite loss at step {step}: {values}; lower --lr-g or use --amp none")
                 elapsed = time.perf_counter() - window_start
@@ -801,7 +805,7 @@ def main(argv: list[str] | None = None) -> int:
                     "tflops": tflops, "mfu": tflops / peak if peak else None,
                     "eta_s": iter_s * (args.num_steps - step),
                 }, window_steps)
-                window_start, window_data, window_steps = time.perf_counter(), 0.0, 0
+                window_start, window_data, window_steps, window_terms = time.perf_counter(), 0.0, 0, {}
 
             if info.is_main and args.save_every and step % args.save_every == 0 and step < args.num_steps:
                 ckpt.save_student(models.student_module, run_dir / f"city_{step - 1}_G.pth")
@@ -857,9 +861,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli(argv: list[str] | None = None) -> int:
+    """Console entry: :func:`main`, with one-line errors (exit status 2) instead of tracebacks for
+    the problems a user fixes (a missing or wrong file, a bad dataset folder, a device flag)."""
     try:
-        code = main()
+        return main(argv)
+    except (ckpt.CheckpointError, DatasetError, DeviceError) as exc:
+        print(f"train.py: error: {exc}", file=sys.stderr)
+        return 2
     finally:
         cleanup()
-    sys.exit(code)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import itertools
 import statistics
 import sys
 import tempfile
@@ -25,7 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from dataset.cityscapes import CityscapesDataset, SeededSampler, build_loader  # noqa: E402
+from dataset.cityscapes import CityscapesDataset, build_loader  # noqa: E402
+from utils.sampling import TrainSampleStream  # noqa: E402
 from dataset.synthetic import generate  # noqa: E402
 
 CROP = (512, 512)
@@ -107,13 +109,13 @@ def _cached_row(ds: CityscapesDataset, samples: int, baseline_ms: float) -> dict
 
 
 def _loader_row(ds: CityscapesDataset, workers: int, batches: int, name: str) -> dict:
-    indices = [i % len(ds) for i in range(BATCH * (batches + 1))]
-    loader = build_loader(ds, BATCH, sampler=SeededSampler(indices, seed=0), num_workers=workers, drop_last=True,
+    # The training loop's own sample stream (endless, so take batches + 1 batches of it).
+    loader = build_loader(ds, BATCH, sampler=TrainSampleStream(len(ds), seed=0), num_workers=workers, drop_last=True,
                           pin_memory=False)
     iterator = iter(loader)
     next(iterator)  # worker start-up and the first batch are not throughput
     start = time.perf_counter()
-    count = sum(images.shape[0] for images, _, _ in iterator)
+    count = sum(images.shape[0] for images, _, _ in itertools.islice(iterator, batches))
     seconds = time.perf_counter() - start
     del iterator, loader
     return {"name": name, "ms_per_sample": seconds * 1e3 / count, "images_per_s": count / seconds, "ratio": None,

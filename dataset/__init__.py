@@ -4,12 +4,10 @@ from dataset.cityscapes import (
     CityscapesDataset,
     DatasetError,
     Sample,
-    SeededSampler,
     build_loader,
     read_image,
     read_label,
     read_list_file,
-    sample_seed,
     scan_split,
     worker_init_fn,
 )
@@ -32,8 +30,8 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'dataset' has no attribute {name!r}")
 
 __all__ = [
-    "IMG_MEAN_BGR", "CityscapesDataset", "DatasetError", "Sample", "SeededSampler", "build_loader",
-    "read_image", "read_label", "read_list_file", "sample_seed", "scan_split", "worker_init_fn",
+    "IMG_MEAN_BGR", "CityscapesDataset", "DatasetError", "Sample", "build_loader",
+    "read_image", "read_label", "read_list_file", "scan_split", "worker_init_fn",
     "CLASS_NAMES", "IGNORE_LABEL", "LABEL_ID_TO_TRAIN_ID", "NUM_CLASSES", "TRAIN_ID_COLORS",
     "TRAIN_ID_TO_LABEL_ID", "generate",
 ]

@@ -20,7 +20,7 @@ import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Sequence
 
 import cv2
 import numpy as np
@@ -32,7 +32,7 @@ from dataset.transforms import IMG_MEAN_BGR, mean_subtraction_lut, preprocess
 
 __all__ = [
     "IMG_MEAN_BGR", "DatasetError", "Sample", "read_list_file", "scan_split", "read_image", "read_label",
-    "CityscapesDataset", "SeededSampler", "sample_seed", "worker_init_fn", "build_loader",
+    "CityscapesDataset", "worker_init_fn", "build_loader",
 ]
 
 IMAGE_SUFFIX = "_leftImg8bit.png"
@@ -443,36 +443,6 @@ class CityscapesDataset(Dataset):
 
 
 # ------------------------------------------------------------------------------------------------ loading
-
-def sample_seed(base_seed: int, epoch: int, index: int) -> int:
-    """The augmentation seed of sample ``index`` in ``epoch``: independent of worker, rank and order."""
-    return int(np.random.SeedSequence([base_seed, epoch, index]).generate_state(1, np.uint64)[0])
-
-
-class SeededSampler(Sampler):
-    """Wraps an index sampler and yields ``(index, seed)`` keys with ``seed = sample_seed(seed, epoch, index)``.
-
-    ``set_epoch`` is forwarded to the wrapped sampler (e.g. ``DistributedSampler``). An index that occurs
-    twice in one epoch (sampling with replacement) gets the same augmentation both times.
-    """
-
-    def __init__(self, sampler: Iterable[int], seed: int = 0) -> None:
-        self.sampler = sampler
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        if hasattr(self.sampler, "set_epoch"):
-            self.sampler.set_epoch(epoch)
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        for index in self.sampler:
-            yield int(index), sample_seed(self.seed, self.epoch, int(index))
-
-    def __len__(self) -> int:
-        return len(self.sampler)  # type: ignore[arg-type]
-
 
 def worker_init_fn(worker_id: int) -> None:
     """DataLoader worker setup: OpenCV single-threaded, so N workers use N cores, not N x cores."""

@@ -11,8 +11,8 @@ load -> save is the identity, and training follows the original gradient (sign(w
 State-dict keys: ``weight``, ``bias``, ``running_mean``, ``running_var`` — no
 ``num_batches_tracked``, as in the original files (the released student has exactly 150 keys).
 
-Cross-process statistics (the "Sync" of InPlaceABNSync) are computed with differentiable
-``all_reduce`` of per-channel sums, so they work with NCCL and with gloo on CPU; turn them on with
+Cross-process statistics (the "Sync" of InPlaceABNSync) are computed with a differentiable
+all-reduce of per-channel sums, so they work with NCCL and with gloo on CPU; turn them on with
 :func:`convert_sync_abn` after ``init_process_group``.
 """
 from __future__ import annotations
@@ -86,13 +86,11 @@ class ABN(nn.Module):
         # Statistics over the batch of every process: all-reduce [count, sum, sum of squares].
         # The differentiable all_reduce makes the backward pass the true gradient of the
         # global-batch normalisation, as InPlaceABNSync's.
-        from torch.distributed.nn.functional import all_reduce
-
         x32 = x.float()
         count = torch.full((1,), x.numel() / x.shape[1], device=x.device, dtype=torch.float32)
         stats = torch.cat([count, x32.sum(dim=(0, 2, 3)), (x32 * x32).sum(dim=(0, 2, 3))])
         group = self.process_group if self.process_group is not None else dist.group.WORLD
-        stats = all_reduce(stats, group=group)
+        stats = _AllReduceSum.apply(stats, group)
         n = stats[0]
         mean = stats[1 : 1 + self.num_features] / n
         var = (stats[1 + self.num_features :] / n - mean * mean).clamp_min(0.0)  # biased
@@ -109,6 +107,24 @@ class ABN(nn.Module):
         act = self.activation if self.activation != "leaky_relu" else f"leaky_relu({self.slope})"
         sync = ", sync" if self.sync else ""
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, activation={act}{sync}"
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over processes, differentiable: every rank's output depends on every rank's input, so the
+    gradient of an input is the sum over ranks of the output gradients (another all-reduce)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        out = tensor.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
 
 
 def convert_sync_abn(module: nn.Module, process_group: dist.ProcessGroup | None = None) -> nn.Module:

@@ -201,13 +201,19 @@ def test_clear_errors(synth, student, tmp_path, capsys):
 
 
 def test_device_flags():
-    assert evaluate.resolve_device("cpu") == torch.device("cpu")
-    assert evaluate.resolve_device(None, "None") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from utils.distributed import DeviceError, resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(None, "None") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():
-        with pytest.raises(evaluate.EvaluationError, match="no CUDA GPU"):
-            evaluate.resolve_device(None, "0")
-    with pytest.raises(evaluate.EvaluationError, match="GPU index"):
-        evaluate.resolve_device(None, "x")
+        with pytest.raises(DeviceError, match="no CUDA GPU"):
+            resolve_device(None, "0")
+        with pytest.raises(DeviceError, match="no CUDA GPU"):
+            resolve_device("cuda")
+    with pytest.raises(DeviceError, match="GPU index"):
+        resolve_device(None, "x")
+    with pytest.raises(DeviceError, match="not a device name"):
+        resolve_device("tpu7")
 
 
 def test_benchmark_runs_small():

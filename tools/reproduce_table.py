@@ -23,7 +23,8 @@ if __package__ in (None, ""):  # run as a file (python tools/x.py): make the rep
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from evaluate import AMP_CHOICES, EvaluationError, build_eval_dataset, build_eval_loader, evaluate_model, load_model, \
-    resolve_device, sha256_file
+    sha256_file
+from utils.distributed import DeviceError, resolve_device
 from utils.checkpoint import CheckpointError
 
 SEE_README = "see TorchDistiller README"
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rows = reproduce(args.ckpt_dir, args.data_dir, args.split, args.max_images, args.device, out_dir,
                          args.batch_size, args.num_workers, args.amp, args.progress)
-    except EvaluationError as exc:
+    except (EvaluationError, DeviceError) as exc:
         print(f"reproduce_table: error: {exc}", file=sys.stderr)
         return 2
     table = format_markdown(rows, args.split, args.max_images)
