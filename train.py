@@ -18,7 +18,6 @@ import json
 import math
 import os
 import random
-import resource
 import signal
 import subprocess
 import sys
@@ -47,6 +46,7 @@ from utils.distributed import (
     barrier,
     cleanup,
     init_distributed,
+    peak_memory_mb,
 )
 from utils.losses import (
     CriterionCWD,
@@ -130,6 +130,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--divergence", default="kl", choices=["kl", "mse"])
     g.add_argument("--temperature", type=float, default=4.0, help="CWD temperature (forced to 1 with mse)")
     g.add_argument("--lambda-cwd", type=float, default=3.0)
+    g.add_argument("--cwd-ignore-mask", default=False, **flag,
+                   help="extension: leave pixels labelled --ignore-label out of CWD (off in the original)")
     g.add_argument("--kd", default=False, **flag, help="pixel-wise KD on the logits")
     g.add_argument("--lambda-kd", type=float, default=10.0)
     g.add_argument("--adv", default=False, **flag, help="holistic adversarial distillation (WGAN-GP)")
@@ -263,6 +265,8 @@ class Criteria:
     dsn: CriterionDSN
     cwd: CriterionCWD | None = None
     kd: CriterionKD | None = None
+    cwd_ignore_mask: bool = False
+    ignore_label: int = 255
 
 
 @dataclass
@@ -347,7 +351,8 @@ def build_models(args: argparse.Namespace, info: DistInfo, log) -> Models:
 
 
 def build_criteria(args: argparse.Namespace) -> tuple[Criteria, Weights]:
-    criteria = Criteria(dsn=CriterionDSN(ignore_index=args.ignore_label))
+    criteria = Criteria(dsn=CriterionDSN(ignore_index=args.ignore_label), cwd_ignore_mask=args.cwd_ignore_mask,
+                        ignore_label=args.ignore_label)
     weights = Weights()
     if args.cwd:
         criteria.cwd = CriterionCWD(args.norm_type, args.divergence, args.temperature)
@@ -443,10 +448,12 @@ def train_step(
                 preds_s = models.student(images)
                 terms = {"ce": criteria.dsn(preds_s, labels)}
                 if criteria.cwd is not None:
-                    if engine.cwd_feat:
-                        terms["cwd"] = weights.cwd * criteria.cwd(models.connector(preds_s[2]), preds_t[1])
-                    else:
-                        terms["cwd"] = weights.cwd * criteria.cwd(preds_s[0], preds_t[0])
+                    target_t = preds_t[1] if engine.cwd_feat else preds_t[0]
+                    source_s = models.connector(preds_s[2]) if engine.cwd_feat else preds_s[0]
+                    mask = None
+                    if criteria.cwd_ignore_mask:
+                        mask = CriterionCWD.mask_from_labels(labels, target_t.shape[-2:], criteria.ignore_label)
+                    terms["cwd"] = weights.cwd * criteria.cwd(source_s, target_t, ignore_mask=mask)
                 if criteria.kd is not None:
                     terms["kd"] = weights.kd * criteria.kd(preds_s[0], preds_t[0])
                 if models.discriminator is not None:
@@ -492,7 +499,7 @@ def train_step(
 RECIPE_KEYS = (
     "data_list", "input_size", "random_mirror", "random_scale", "num_classes", "ignore_label", "batch_size",
     "grad_accum", "num_steps", "lr_g", "lr_d", "momentum", "weight_decay", "power", "seed", "cwd", "cwd_feat",
-    "norm_type", "divergence", "temperature", "lambda_cwd", "kd", "lambda_kd", "adv", "lambda_adv", "lambda_d",
+    "norm_type", "divergence", "temperature", "lambda_cwd", "cwd_ignore_mask", "kd", "lambda_kd", "adv", "lambda_adv", "lambda_d",
     "lambda_gp", "teacher_arch", "amp",
 )
 
@@ -623,12 +630,6 @@ class RunLog:
 def _fmt_time(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def peak_tflops(device: torch.device) -> float | None:
@@ -811,9 +812,13 @@ def main(argv: list[str] | None = None) -> int:
                 ckpt.save_student(models.student_module, run_dir / f"city_{step - 1}_G.pth")
             stopping = stop.requested
             if info.distributed:
-                flag = torch.tensor([float(stopping)], device=info.device)
-                torch.distributed.all_reduce(flag)
-                stopping = bool(flag.item())
+                # Every rank must stop at the same step. Agreeing costs a host sync, so it is done
+                # on log steps only (a fraction of a second apart; preemption grace is much longer).
+                stopping = False
+                if step % args.log_every == 0:
+                    flag = torch.tensor([float(stop.requested)], device=info.device)
+                    torch.distributed.all_reduce(flag)
+                    stopping = bool(flag.item())
             if info.is_main and (step % args.save_last_every == 0 or step == args.num_steps or stopping):
                 save_last(last_path, step, models, opt_g, opt_d, engine, args, step * samples_per_step)
             if stopping:

@@ -72,6 +72,12 @@ def original_sample(image_path: str, label_path: str, crop: tuple[int, int], sca
     return image.copy(), label.copy()
 
 
+def _decoder() -> str:
+    import dataset.cityscapes as io
+
+    return "libspng (pyspng)" if io.pyspng is not None else "OpenCV"
+
+
 def _paired_rows(ds: CityscapesDataset, samples: int, scale: bool, mirror: bool, tag: str) -> list[dict]:
     """Time ours and the original alternately on the same keys; check the outputs are identical."""
     ours_ms, original_ms = [], []
@@ -93,7 +99,7 @@ def _paired_rows(ds: CityscapesDataset, samples: int, scale: bool, mirror: bool,
         {"name": f"original{tag}: decode>[scale]>float>mean>crop", "ms_per_sample": original,
          "images_per_s": 1e3 / original, "ratio": 1.0, "note": "1 core"},
         {"name": f"ours{tag}: decode>[scale]>crop u8>LUT", "ms_per_sample": ours, "images_per_s": 1e3 / ours,
-         "ratio": ours / original, "note": f"1 core, identical output ({samples} samples)"},
+         "ratio": ours / original, "note": f"1 core, identical output ({samples} samples), PNG decoder: {_decoder()}"},
     ]
 
 
@@ -124,8 +130,17 @@ def _loader_row(ds: CityscapesDataset, workers: int, batches: int, name: str) ->
 
 def run(data_root: str | None = None, samples: int = 24, workers: int = 2) -> list[dict]:
     """Benchmark rows (dicts with name, ms_per_sample, images_per_s, ratio vs the original, note)."""
+    threads = (cv2.getNumThreads(), torch.get_num_threads())
     cv2.setNumThreads(0)  # per-sample rows measure one core, as a loader worker runs
     torch.set_num_threads(1)
+    try:
+        return _run(data_root, samples, workers)
+    finally:  # benchmarks that follow in the same process get the machine back
+        cv2.setNumThreads(threads[0])
+        torch.set_num_threads(threads[1])
+
+
+def _run(data_root: str | None, samples: int, workers: int) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="bench_loader_") as tmp:
         if data_root is None:
             data_root = str(generate(Path(tmp) / "synthetic", n_train=8, n_val=0, n_test=0, size=(1024, 2048)))

@@ -31,12 +31,10 @@ def measure_one(setting: str, crop: tuple[int, int], batch: int, steps: int, war
                 recipe: str) -> dict:
     """Time ``steps`` calls of train_step after ``warmup`` calls; runs in the current process."""
     sys.path.insert(0, str(ROOT))
-    import resource
-
     import torch
 
     import train
-    from utils.distributed import DistInfo, resolve_device
+    from utils.distributed import DistInfo, peak_memory_mb, resolve_device
 
     amp, channels_last, compile_ = SETTINGS[setting]
     recipe_flags = {
@@ -80,10 +78,7 @@ def measure_one(setting: str, crop: tuple[int, int], batch: int, steps: int, war
         terms = train.train_step(micro, models, criteria, weights, opt_g, opt_d, engine)
     sync()
     seconds = (time.perf_counter() - t0) / steps
-    if info.device.type == "cuda":
-        peak_mb = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = peak_memory_mb(info.device)
     from networks.summary import training_step_flops
 
     flops = training_step_flops("resnet18", args.teacher_arch if models.teacher is not None else None, crop, batch)

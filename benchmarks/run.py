@@ -32,7 +32,7 @@ def machine() -> dict:
     return info
 
 
-def main(argv: list[str] | None = None) -> None:
+def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
     p.add_argument("--crop", type=int, nargs=2, default=(128, 128), help="training-step crop")
@@ -41,7 +41,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help="fewer steps and images")
     p.add_argument("--only", nargs="*", default=None, choices=["loader", "losses", "train", "eval"])
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "latest.json"))
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = get_args_parser().parse_args(argv)
     todo = a.only or ["loader", "losses", "train", "eval"]
     results: dict = {"machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
 

@@ -184,6 +184,14 @@ def _to_train_id_files(samples: list[Sample], source: str) -> list[Sample]:
 
 # ----------------------------------------------------------------------------------------------- decoding
 
+try:  # optional, faster PNG decoding (see read_image)
+    import pyspng
+except ImportError:
+    pyspng = None
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
 def _read_bytes(path: str, what: str) -> np.ndarray:
     try:
         data = np.fromfile(path, dtype=np.uint8)
@@ -203,8 +211,22 @@ def _decode(data: np.ndarray, flags: int, path: str, what: str) -> np.ndarray:
 
 
 def read_image(path: str) -> np.ndarray:
-    """Decode an image as OpenCV's ``imread(path, IMREAD_COLOR)`` does: (H, W, 3) uint8 BGR."""
-    return _decode(_read_bytes(path, "image"), cv2.IMREAD_COLOR, path, "image")
+    """Decode an image as OpenCV's ``imread(path, IMREAD_COLOR)`` does: (H, W, 3) uint8 BGR.
+
+    8-bit RGB PNGs (every Cityscapes image) go through libspng when the optional ``pyspng`` is
+    installed (``pip install -e ".[fast-png]"``): identical pixels, ~1.4x faster, and PNG decoding is
+    most of a training sample's cost. Every other file, or without pyspng, is decoded by OpenCV.
+    """
+    data = _read_bytes(path, "image")
+    if pyspng is not None and data[:8].tobytes() == PNG_SIGNATURE:
+        try:
+            rgb = pyspng.load(data.tobytes())
+        except Exception as exc:  # pyspng raises plain exceptions for damaged files
+            raise DatasetError(f"cannot decode image {path} (truncated or not an image: {exc}). Re-download or "
+                               "regenerate it.") from exc
+        if rgb.ndim == 3 and rgb.shape[2] == 3 and rgb.dtype == np.uint8:
+            return cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+    return _decode(data, cv2.IMREAD_COLOR, path, "image")
 
 
 def read_label(path: str) -> np.ndarray:

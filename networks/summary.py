@@ -19,29 +19,19 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from utils.checkpoint import unwrap_model
+
 
 def count_parameters(model: nn.Module) -> int:
     """Number of elements of all parameters (trainable or not; buffers are not counted)."""
     return sum(p.numel() for p in model.parameters())
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    # DDP keeps the network in .module, torch.compile in ._orig_mod.
-    while True:
-        for attr in ("module", "_orig_mod"):
-            inner = getattr(model, attr, None)
-            if isinstance(inner, nn.Module):
-                model = inner
-                break
-        else:
-            return model
-
-
 def conv_macs_by_module(model: nn.Module, input_size: tuple[int, int]) -> dict[str, int]:
     """MACs of each ``nn.Conv2d`` / ``nn.Linear`` (by qualified name) for one forward of one
     3-channel image of ``input_size`` = (H, W). The model is run in eval mode on meta tensors, its
     weights and mode are left untouched."""
-    model = _unwrap(model)
+    model = unwrap_model(model)
     h, w = int(input_size[0]), int(input_size[1])
     if h <= 0 or w <= 0:
         raise ValueError(f"input_size must be positive (H, W), got {input_size}")

@@ -35,6 +35,7 @@ from dataset import (
 )
 from dataset.labels import LABELS
 from utils.sampling import TrainSampleStream
+import dataset.cityscapes as dataset_io
 from dataset.synthetic import generate
 from dataset.transforms import preprocess
 
@@ -252,7 +253,31 @@ def test_missing_file_in_list(root, tmp_path):
         read_list_file(list_path, root)
 
 
-def test_truncated_image(root_copy):
+DECODERS = ["opencv"] + (["pyspng"] if dataset_io.pyspng is not None else [])
+
+
+@pytest.fixture(params=DECODERS)
+def decoder(request, monkeypatch):
+    """Run a test with each PNG decoder this machine has."""
+    if request.param == "opencv":
+        monkeypatch.setattr(dataset_io, "pyspng", None)
+    return request.param
+
+
+def test_decoders_give_opencv_imread_pixels(root, tmp_path, decoder):
+    for sample in scan_split(root, "train"):
+        assert np.array_equal(dataset_io.read_image(sample.image), cv2.imread(sample.image, cv2.IMREAD_COLOR))
+    # not 8-bit RGB: grey, RGBA and 16-bit PNGs are converted as imread(IMREAD_COLOR) does
+    rng = np.random.default_rng(0)
+    for name, array in [("grey", rng.integers(0, 256, (9, 7), dtype=np.uint8)),
+                        ("rgba", rng.integers(0, 256, (9, 7, 4), dtype=np.uint8)),
+                        ("deep", rng.integers(0, 65536, (9, 7, 3), dtype=np.uint16))]:
+        path = str(tmp_path / f"{name}.png")
+        cv2.imwrite(path, array)
+        assert np.array_equal(dataset_io.read_image(path), cv2.imread(path, cv2.IMREAD_COLOR)), name
+
+
+def test_truncated_image(root_copy, decoder):
     ds = CityscapesDataset(root_copy, "train", verbose=False)
     path = Path(ds.samples[2].image)
     data = path.read_bytes()

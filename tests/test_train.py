@@ -197,6 +197,21 @@ def test_resume_with_other_settings_is_refused(data_dir, tmp_path):
     assert "lr_g: saved 0.01, now 0.5" in proc.stderr
 
 
+@pytest.mark.slow
+def test_eval_every_and_best_checkpoint_are_labelled(data_dir, tmp_path):
+    proc = run([sys.executable, "train.py", "--data-dir", str(data_dir), "--save-dir", str(tmp_path),
+                "--save-name", "ev", *TINY, "--num-steps", "4", "--eval-every", "2", "--save-best", "True"])
+    assert proc.returncode == 0, proc.stderr
+    run_dir = tmp_path / "ev"
+    history = [json.loads(line) for line in (run_dir / "eval_history.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == [1]  # step 2 of 4; the final step is eval.json's
+    assert history[0]["selection"] == "intermediate"
+    best = json.loads((run_dir / "best_val.json").read_text())
+    assert best["selection"].startswith("best-val") and best["miou"] == history[0]["miou"]
+    assert len(load(run_dir / "best_val_G.pth")) == 150
+    assert json.loads((run_dir / "eval.json").read_text())["selection"] == "final-iteration"
+
+
 # ------------------------------------------------------------------------------------------------
 # Several processes
 # ------------------------------------------------------------------------------------------------
@@ -220,12 +235,14 @@ def test_torchrun_two_processes_gloo(data_dir, tmp_path):
 def test_grad_accumulation_keeps_the_effective_batch(data_dir, tmp_path):
     proc = run([sys.executable, "train.py", "--data-dir", str(data_dir), "--save-dir", str(tmp_path),
                 "--save-name", "accum", *TINY, "--batch-size", "4", "--grad-accum", "2", "--num-steps", "2",
-                "--eval", "False"])
+                "--eval", "False", "--cwd", "True", "--cwd-ignore-mask", "True"])
     assert proc.returncode == 0, proc.stderr
     assert "batch 4 per step = 1 process(es) x 2 micro-batch(es) x 2 images" in proc.stdout
     last = load(tmp_path / "accum" / "last.pth")
     assert last["sampler"]["samples_per_rank"] == 2 * 4
-    assert all(r["images_per_s"] > 0 for r in metric_lines(tmp_path / "accum"))
+    lines = metric_lines(tmp_path / "accum")
+    assert all(r["images_per_s"] > 0 and r["loss"]["cwd"] > 0 for r in lines)
+    assert json.loads((tmp_path / "accum" / "config.json").read_text())["cwd_ignore_mask"] is True
 
 
 # ------------------------------------------------------------------------------------------------

@@ -119,7 +119,8 @@ def load_checkpoint_dict(path: str | os.PathLike) -> dict:
 # checking a dict against a model
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The network inside DDP (``.module``) and torch.compile (``._orig_mod``) wrappers."""
     # DDP keeps the network in .module, torch.compile in ._orig_mod (possibly both).
     while True:
         for attr in ("module", "_orig_mod"):
@@ -212,7 +213,7 @@ def _arch_of(model: nn.Module) -> str | None:
 
 def _load_strict(model: nn.Module, sd: dict, path: Any, what: str) -> None:
     """Check every key and shape first, then load strictly; nothing is copied if anything differs."""
-    model = _unwrap(model)
+    model = unwrap_model(model)
     target = _drop_counters(model.state_dict())
     sd = _drop_counters(sd)
     missing = [k for k in target if k not in sd]
@@ -260,14 +261,14 @@ def load_teacher(model: nn.Module, path: str | os.PathLike) -> None:
     sd = load_state_dict_file(path)
     if any(k.startswith("head.0.") for k in sd):
         sd, _ = toolbox_to_original(sd)
-    _load_strict(model, sd, path, f"teacher ({_arch_of(_unwrap(model)) or 'PSPNet'})")
+    _load_strict(model, sd, path, f"teacher ({_arch_of(unwrap_model(model)) or 'PSPNet'})")
 
 
 def load_student(model: nn.Module, path: str | os.PathLike) -> None:
     """Load a student file (released 150-key layout, or the ``"student"`` entry of ``last.pth``)
     into ``model``, strictly. Keys with a ``module.``/``_orig_mod.`` prefix are an error (with a hint)."""
     sd = load_state_dict_file(path)
-    _load_strict(model, sd, path, f"student ({_arch_of(_unwrap(model)) or 'PSPNet'})")
+    _load_strict(model, sd, path, f"student ({_arch_of(unwrap_model(model)) or 'PSPNet'})")
 
 
 def load_imagenet_backbone(model: nn.Module, path: str | os.PathLike, verbose: bool = True) -> dict[str, list[str]]:
@@ -284,7 +285,7 @@ def load_imagenet_backbone(model: nn.Module, path: str | os.PathLike, verbose: b
     """
     raw = load_state_dict_file(path)
     sd = _drop_counters(raw)
-    net = _unwrap(model)
+    net = unwrap_model(model)
     target = _drop_counters(net.state_dict())
     backbone = [k for k in target if not k.startswith(HEAD_PREFIXES)]
     missing = [k for k in backbone if k not in sd]
@@ -322,7 +323,7 @@ def _short(keys: list[str], n: int = 6) -> str:
 def export_state_dict(model: nn.Module) -> "OrderedDict[str, torch.Tensor]":
     """The model's weights in the released layout: unwrapped from DDP (``.module``) and
     torch.compile (``._orig_mod``), without ``num_batches_tracked``, detached CPU tensors."""
-    sd = _drop_counters(_unwrap(model).state_dict())
+    sd = _drop_counters(unwrap_model(model).state_dict())
     return OrderedDict((k, v.detach().to("cpu", copy=True).contiguous()) for k, v in sd.items())
 
 

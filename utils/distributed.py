@@ -69,6 +69,23 @@ def resolve_device(device: str | None = "auto", gpu: str | int | None = None, lo
     return dev
 
 
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process: CUDA allocations on a GPU; on a CPU the peak resident set
+    (``VmHWM``; unlike ``ru_maxrss`` it does not carry over a parent's peak across exec)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux, bytes on macOS
+
+
 def init_distributed(device_name: str = "auto", gpu: str | None = None) -> DistInfo:
     """Join the process group when launched by torchrun (``WORLD_SIZE`` > 1); otherwise a world of one."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
