@@ -31,20 +31,20 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from dataset import CityscapesDataset, DatasetError, build_loader
+from dataset import IMG_MEAN_BGR, CityscapesDataset, DatasetError, build_loader
 from dataset.labels import CLASS_NAMES, NUM_CLASSES
 from networks import build_model
 from utils.checkpoint import CheckpointError, infer_arch, load_state_dict_file, load_student, load_teacher
 from utils.distributed import DeviceError, resolve_device
 from utils.inference import parse_overlap, predict_logits, tile_stride
 from utils.metrics import ConfusionMatrix, format_table, iou_from_confusion, official_miou
-from utils.visualize import save_color_png, save_label_id_png, save_train_id_png
+from utils.visualize import image_from_network_input, save_color_png, save_label_id_png, save_panel, save_train_id_png
 
 AMP_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 AMP_CHOICES = ("auto", *AMP_DTYPES)  # auto: bf16 on a CUDA GPU that has it, fp32 otherwise (as train.py)
 SPLITS = ("val", "test")
 # Sub-folders of --save-dir; labelIds/ alone is what the official evaluator or the server should read.
-COLOR_DIR, TRAIN_ID_DIR, LABEL_ID_DIR = "color", "trainIds", "labelIds"
+COLOR_DIR, TRAIN_ID_DIR, LABEL_ID_DIR, PANEL_DIR = "color", "trainIds", "labelIds", "panels"
 SUBMISSION_ZIP = "submission.zip"
 
 
@@ -168,18 +168,23 @@ def build_eval_loader(dataset: Dataset, batch_size: int = 1, num_workers: int = 
 # --------------------------------------------------------------------------------------------------
 # Evaluation loop
 # --------------------------------------------------------------------------------------------------
-def write_predictions(pred: torch.Tensor, names: Sequence[str], save_dir: Path, split: str) -> list[Path]:
+def write_predictions(pred: torch.Tensor, names: Sequence[str], save_dir: Path, split: str,
+                      images: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> list[Path]:
     """Write one batch of trainId maps ``[N, H, W]``; returns the labelId PNG paths.
 
-    val: ``color/<name>_color.png``, ``trainIds/<name>_trainIds.png`` and ``labelIds/<name>_leftImg8bit.png``;
-    test: ``labelIds/<name>_leftImg8bit.png`` only (the server's naming).
+    val: ``color/<name>_color.png``, ``trainIds/<name>_trainIds.png``, ``labelIds/<name>_leftImg8bit.png``
+    and, given the network inputs and labels, ``panels/<name>.jpg`` (image | ground truth | prediction |
+    errors, half size); test: ``labelIds/<name>_leftImg8bit.png`` only (the server's naming).
     """
     maps = pred.to(torch.uint8).cpu().numpy()
     written = []
-    for train_ids, name in zip(maps, names):
+    for i, (train_ids, name) in enumerate(zip(maps, names)):
         if split != "test":
             save_color_png(save_dir / COLOR_DIR / f"{name}_color.png", train_ids)
             save_train_id_png(save_dir / TRAIN_ID_DIR / f"{name}_trainIds.png", train_ids)
+            if images is not None and labels is not None:
+                save_panel(save_dir / PANEL_DIR / f"{name}.jpg", image_from_network_input(images[i], IMG_MEAN_BGR),
+                           labels[i], train_ids)
         written.append(save_label_id_png(save_dir / LABEL_ID_DIR / f"{name}_leftImg8bit.png", train_ids))
     return written
 
@@ -264,7 +269,7 @@ def evaluate_model(
                                           f"{tuple(pred.shape)[1:]}; labels must be at full image resolution")
                 conf.update(pred, label.to(device, non_blocking=True))
             if save_path is not None:
-                label_pngs += write_predictions(pred, names, save_path, split)
+                label_pngs += write_predictions(pred, names, save_path, split, images=batch[0], labels=label)
             num_images += image.shape[0]
             bar.update(image.shape[0])
             bar.set_postfix(img_per_s=f"{num_images / (time.perf_counter() - start):.2f}")

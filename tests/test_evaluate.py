@@ -148,6 +148,7 @@ def test_cli_end_to_end_writes_results_json(synth, student, tmp_path, capsys):
     assert sorted(p.name for p in (save / "labelIds").iterdir()) == [f"{n}_leftImg8bit.png" for n in names]
     assert sorted(p.name for p in (save / "color").iterdir()) == [f"{n}_color.png" for n in names]
     assert sorted(p.name for p in (save / "trainIds").iterdir()) == [f"{n}_trainIds.png" for n in names]
+    assert sorted(p.name for p in (save / "panels").iterdir()) == [f"{n}.jpg" for n in names]
     # trainId and labelId PNGs hold the same prediction
     for n in names:
         t = cv2.imread(str(save / "trainIds" / f"{n}_trainIds.png"), cv2.IMREAD_UNCHANGED)
