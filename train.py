@@ -441,7 +441,7 @@ def train_step(
             preds_t = None
             if models.teacher is not None:
                 with torch.inference_mode(), engine.autocast():
-                    out_t = models.teacher(images)
+                    out_t = models.teacher(images, aux=False)  # no loss uses the teacher's aux head
                 # Inference tensors cannot be saved for backward: copy the two maps the losses use.
                 preds_t = (out_t[0].clone(), out_t[2].clone() if engine.cwd_feat else None)
             with engine.autocast():
@@ -590,7 +590,7 @@ class RunLog:
         self.enabled = enabled
         self.file = open(run_dir / "metrics.jsonl", "a") if enabled and run_dir else None
         self.bar = None
-        if enabled and sys.stdout.isatty():
+        if enabled and run_dir is not None and sys.stdout.isatty():  # the bar belongs to the loop
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)

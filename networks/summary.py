@@ -78,14 +78,16 @@ def _as_hw(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
 
 
 @functools.lru_cache(maxsize=None)
-def arch_macs(arch: str, height: int, width: int) -> int:
+def arch_macs(arch: str, height: int, width: int, aux: bool = True) -> int:
     """MACs of one image through ``build_model(arch)``, cached per (arch, size); the model is
-    built on the meta device, so no memory or initialisation time is spent."""
+    built on the meta device, so no memory or initialisation time is spent. ``aux=False`` leaves
+    out the auxiliary (dsn) head, as ``model(x, aux=False)`` does."""
     from networks import build_model
 
     with torch.device("meta"):
         model = build_model(arch)
-    return count_macs(model, (height, width))
+    macs = conv_macs_by_module(model, (height, width))
+    return sum(v for name, v in macs.items() if aux or not name.startswith("dsn."))
 
 
 def training_step_flops(student_arch: str, teacher_arch: str | None,
@@ -94,10 +96,11 @@ def training_step_flops(student_arch: str, teacher_arch: str | None,
 
     FLOPs = 2 x MACs. The student runs forward + backward, counted as 3 x its forward (backward
     = gradients for inputs and for weights, each about one forward); the frozen teacher runs forward
-    only. The connector and the discriminator are left out (under 1 % of the total). With
-    R18/R101, batch 8 and 512x512: 2 x 8 x (3 x 63.34 + 289.65) G = 7.67 TFLOP.
+    only, without its auxiliary head (train.py calls it with ``aux=False``). The connector and the
+    discriminator are left out (under 1 % of the total). With R18/R101, batch 8 and 512x512:
+    2 x 8 x (3 x 63.34 + 269.67) G = 7.36 TFLOP.
     """
     h, w = _as_hw(crop)
     student = 3 * arch_macs(student_arch, h, w)
-    teacher = arch_macs(teacher_arch, h, w) if teacher_arch is not None else 0
+    teacher = arch_macs(teacher_arch, h, w, aux=False) if teacher_arch is not None else 0
     return 2.0 * batch * float(student + teacher)
