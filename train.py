@@ -100,9 +100,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", default=os.environ.get("CITYSCAPES", "data/cityscapes"),
-                   help="Cityscapes root (leftImg8bit/, gtFine/); default $CITYSCAPES or data/cityscapes")
-    g.add_argument("--data-list", default=None, help="train list file (image<TAB>label); default: scan the train split")
-    g.add_argument("--data-listval", default=None, help="val list file; default: scan the val split")
+                   help="Cityscapes root (leftImg8bit/, gtFine/), from $CITYSCAPES when set")
+    g.add_argument("--data-list", default=None, help="train list file (image<TAB>label); none: scan the train split")
+    g.add_argument("--data-listval", default=None, help="val list file; none: scan the val split")
     g.add_argument("--input-size", type=input_size, default=(512, 512), help="random crop H,W")
     g.add_argument("--random-mirror", default=False, **flag, help="random horizontal flip (off in the recipe)")
     g.add_argument("--random-scale", default=False, **flag, help="random scale 0.7..2.1 (off in the recipe)")
@@ -150,15 +150,16 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("outputs and run control")
     g.add_argument("--save-dir", default="ckpt", help="runs are written to SAVE_DIR/SAVE_NAME/")
-    g.add_argument("--save-name", default=None, help="run name; default built like exp_cwd.sh's")
+    g.add_argument("--save-name", default=None, help="run name; none: built like exp_cwd.sh's")
     g.add_argument("--save-every", "--save-ckpt-every", dest="save_every", type=int, default=0,
                    help="also write city_<step>_G.pth every N steps (0: only at the end, as the original)")
-    g.add_argument("--save-last-every", type=int, default=200, help="write the resumable last.pth every N steps")
+    g.add_argument("--save-last-every", type=int, default=500,
+                   help="write the resumable last.pth every N steps (and at the end, and on SIGTERM)")
     g.add_argument("--eval-every", type=int, default=0, help="evaluate on val every N steps (0: only at the end)")
     g.add_argument("--save-best", default=False, **flag,
                    help="keep the best-val student as best_val_G.pth (labelled as selected on val)")
     g.add_argument("--eval", default=True, **flag, help="evaluate the final student on val")
-    g.add_argument("--resume", default=None, help="resume from this last.pth (default: SAVE_DIR/SAVE_NAME/last.pth if present)")
+    g.add_argument("--resume", default=None, help="resume from this last.pth; none: SAVE_DIR/SAVE_NAME/last.pth when it exists")
     g.add_argument("--log-every", type=int, default=20, help="steps between metric lines")
     g.add_argument("--demo", action="store_true",
                    help="small run on the built-in synthetic dataset (generated if missing); minutes on a CPU")
