@@ -35,13 +35,11 @@ from dataset import IMG_MEAN_BGR, CityscapesDataset, DatasetError, build_loader
 from dataset.labels import CLASS_NAMES, NUM_CLASSES
 from networks import build_model
 from utils.checkpoint import CheckpointError, infer_arch, load_state_dict_file, load_student, load_teacher
-from utils.distributed import DeviceError, resolve_device
+from utils.distributed import AMP_CHOICES, AMP_DTYPES, DeviceError, resolve_amp, resolve_device
 from utils.inference import parse_overlap, predict_logits, tile_stride
 from utils.metrics import ConfusionMatrix, format_table, iou_from_confusion, official_miou
 from utils.visualize import image_from_network_input, save_color_png, save_label_id_png, save_panel, save_train_id_png
 
-AMP_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-AMP_CHOICES = ("auto", *AMP_DTYPES)  # auto: bf16 on a CUDA GPU that has it, fp32 otherwise (as train.py)
 SPLITS = ("val", "test")
 # Sub-folders of --save-dir; labelIds/ alone is what the official evaluator or the server should read.
 COLOR_DIR, TRAIN_ID_DIR, LABEL_ID_DIR, PANEL_DIR = "color", "trainIds", "labelIds", "panels"
@@ -202,12 +200,10 @@ def write_submission_zip(label_id_pngs: Sequence[Path], zip_path: Path) -> Path:
 def _as_amp_dtype(amp: str | torch.dtype | None, device: torch.device) -> torch.dtype | None:
     if amp is None or isinstance(amp, torch.dtype):
         return amp
-    if amp == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-    if amp not in AMP_DTYPES:
-        raise EvaluationError(f"amp must be one of {AMP_CHOICES}, got {amp!r}")
-    return AMP_DTYPES[amp]
-
+    try:
+        return AMP_DTYPES[resolve_amp(amp, device)]
+    except ValueError as exc:
+        raise EvaluationError(str(exc)) from None
 
 def evaluate_model(
     model: nn.Module,

@@ -39,6 +39,8 @@ from networks.connector import FeatureConnector
 from networks.discriminator import MIN_INPUT_SIZE, Discriminator
 from utils import checkpoint as ckpt
 from utils.distributed import (
+    AMP_CHOICES,
+    AMP_DTYPES,
     DeviceError,
     DistInfo,
     average_buffers,
@@ -47,6 +49,7 @@ from utils.distributed import (
     cleanup,
     init_distributed,
     peak_memory_mb,
+    resolve_amp,
 )
 from utils.losses import (
     CriterionCWD,
@@ -167,7 +170,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("engine")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     g.add_argument("--gpu", default=None, help="the original's GPU index: the same as --device cuda:N")
-    g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"],
+    g.add_argument("--amp", default="auto", choices=AMP_CHOICES,
                    help="autocast precision; auto = bf16 on a GPU that has it, none on CPU")
     g.add_argument("--channels-last", default=None, **flag, help="NHWC memory format (default: on GPU)")
     g.add_argument("--compile", default=False, **flag, help="torch.compile the student and teacher")
@@ -383,13 +386,12 @@ def poly_lr(base_lr: float, step: int, num_steps: int, power: float) -> float:
 
 def build_engine(args: argparse.Namespace, info: DistInfo) -> Engine:
     device = info.device
-    if args.amp == "auto":
-        args.amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "none"
+    args.amp = resolve_amp(args.amp, device)
     if args.channels_last is None:
         args.channels_last = device.type == "cuda"
     if args.deterministic is None:
         args.deterministic = device.type == "cpu"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[args.amp]
+    dtype = AMP_DTYPES[args.amp]
 
     def autocast():
         if dtype is None:

@@ -217,6 +217,19 @@ def test_device_flags():
         resolve_device("tpu7")
 
 
+def test_amp_flags():
+    from utils.distributed import resolve_amp
+
+    cpu = torch.device("cpu")
+    assert resolve_amp("auto", cpu) == "none"  # fp32 on a CPU, as the recipe's numbers were made
+    assert [resolve_amp(a, cpu) for a in ("bf16", "fp16", "none")] == ["bf16", "fp16", "none"]
+    with pytest.raises(ValueError, match="amp must be one of"):
+        resolve_amp("fp8", cpu)
+    with pytest.raises(evaluate.EvaluationError, match="amp must be one of"):
+        evaluate._as_amp_dtype("fp8", cpu)
+    assert evaluate._as_amp_dtype("bf16", cpu) is torch.bfloat16 and evaluate._as_amp_dtype("auto", cpu) is None
+
+
 def test_benchmark_runs_small():
     from benchmarks.bench_eval import run
 

@@ -22,9 +22,9 @@ from typing import Any, Sequence
 if __package__ in (None, ""):  # run as a file (python tools/x.py): make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from evaluate import AMP_CHOICES, EvaluationError, build_eval_dataset, build_eval_loader, evaluate_model, load_model, \
+from evaluate import EvaluationError, build_eval_dataset, build_eval_loader, evaluate_model, load_model, \
     sha256_file
-from utils.distributed import DeviceError, resolve_device
+from utils.distributed import AMP_CHOICES, DeviceError, resolve_device
 from utils.checkpoint import CheckpointError
 
 SEE_README = "see TorchDistiller README"

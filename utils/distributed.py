@@ -69,6 +69,19 @@ def resolve_device(device: str | None = "auto", gpu: str | int | None = None, lo
     return dev
 
 
+AMP_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+AMP_CHOICES = ("auto", *AMP_DTYPES)
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """``--amp`` -> a key of :data:`AMP_DTYPES`: ``auto`` is bf16 on a CUDA GPU that has it, else none (fp32)."""
+    if amp == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "none"
+    if amp not in AMP_DTYPES:
+        raise ValueError(f"amp must be one of {AMP_CHOICES}, got {amp!r}")
+    return amp
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """Peak memory of this process: CUDA allocations on a GPU; on a CPU the peak resident set
     (``VmHWM``; unlike ``ru_maxrss`` it does not carry over a parent's peak across exec)."""
@@ -137,12 +150,3 @@ def average_buffers(module: torch.nn.Module, world_size: int) -> None:
         if buf.is_floating_point():
             dist.all_reduce(buf)
             buf /= world_size
-
-
-def broadcast_object(obj, src: int = 0):
-    """Send a picklable object from ``src`` to every rank (used for small decisions such as 'stop now')."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return obj
-    holder = [obj]
-    dist.broadcast_object_list(holder, src=src)
-    return holder[0]
