@@ -136,7 +136,7 @@ def load_model(path: str | Path, arch: str | None = None, num_classes: int = NUM
 
 
 def build_eval_dataset(data_dir: str | Path, split: str = "val", data_list: str | None = None,
-                       max_images: int | None = None) -> Dataset:
+                       max_images: int | None = None, ignore_label: int = 255) -> Dataset:
     """The full-resolution (no crop) Cityscapes split, optionally only its first ``max_images`` images.
 
     Returns a ``CityscapesDataset`` (or a ``Subset`` of one) with a ``samples`` attribute listing the
@@ -144,7 +144,8 @@ def build_eval_dataset(data_dir: str | Path, split: str = "val", data_list: str 
     """
     if split not in SPLITS:
         raise EvaluationError(f"split must be one of {SPLITS}, got {split!r}")
-    dataset = CityscapesDataset(str(data_dir), split=split, list_path=data_list, crop_size=None)
+    dataset = CityscapesDataset(str(data_dir), split=split, list_path=data_list, crop_size=None,
+                                ignore_label=ignore_label)
     if len(dataset) == 0:
         raise EvaluationError(f"the {split} split of {data_dir} has no images"
                               + (f" (list {data_list})" if data_list else "") + "; check --data-dir / --data-list")

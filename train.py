@@ -33,6 +33,7 @@ from torch import nn
 
 from dataset import CityscapesDataset, DatasetError
 from dataset.cityscapes import build_loader
+from evaluate import EvaluationError, build_eval_dataset, build_eval_loader, evaluate_model
 from libs import convert_sync_abn
 from networks import PSP_FEATURE_CHANNELS, build_model
 from networks.connector import FeatureConnector
@@ -677,15 +678,11 @@ def prepare_demo_data(args: argparse.Namespace, info: DistInfo) -> None:
 
 
 def build_val_loader(args: argparse.Namespace):
-    val_set = CityscapesDataset(args.data_dir, "val", list_path=args.data_listval, crop_size=None,
-                                ignore_label=args.ignore_label)
-    return build_loader(val_set, batch_size=1, shuffle=False, num_workers=min(args.num_workers, 2), drop_last=False)
+    val_set = build_eval_dataset(args.data_dir, "val", args.data_listval, ignore_label=args.ignore_label)
+    return build_eval_loader(val_set, batch_size=1, num_workers=min(args.num_workers, 2))
 
 
-def run_evaluation(args, models: Models, engine: Engine, run_dir: Path, step: int, tag: str) -> dict:
-    from evaluate import evaluate_model
-
-    loader = build_val_loader(args)
+def run_evaluation(args, models: Models, engine: Engine, loader, step: int, tag: str) -> dict:
     metrics = evaluate_model(
         models.student_module, loader, num_classes=args.num_classes, device=engine.device,
         amp=args.amp, progress=sys.stdout.isatty(),
@@ -766,6 +763,7 @@ def main(argv: list[str] | None = None) -> int:
     log.close()
     log = RunLog(run_dir, args.num_steps, start_step, enabled=info.is_main)
     best_miou = -1.0
+    val_loader = None
     step = start_step
     data_iter = iter(loader) if start_step < args.num_steps else None
     window_start, window_data, window_steps, window_terms = time.perf_counter(), 0.0, 0, {}
@@ -830,7 +828,9 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             if args.eval_every and step % args.eval_every == 0 and step < args.num_steps:
                 if info.is_main:
-                    metrics = run_evaluation(args, models, engine, run_dir, step - 1, "intermediate")
+                    if val_loader is None:  # built once, on first use
+                        val_loader = build_val_loader(args)
+                    metrics = run_evaluation(args, models, engine, val_loader, step - 1, "intermediate")
                     log(f"step {step}: val mIoU {100 * metrics['miou']:.2f}")
                     with open(run_dir / "eval_history.jsonl", "a") as f:
                         f.write(json.dumps(metrics | {"confusion_matrix": None}) + "\n")
@@ -859,7 +859,9 @@ def main(argv: list[str] | None = None) -> int:
 
             plot_training_curves(run_dir / "metrics.jsonl", run_dir / "curves.png", title=args.save_name)
         if args.eval:
-            metrics = run_evaluation(args, models, engine, run_dir, args.num_steps - 1, "final-iteration")
+            if val_loader is None:
+                val_loader = build_val_loader(args)
+            metrics = run_evaluation(args, models, engine, val_loader, args.num_steps - 1, "final-iteration")
             metrics["checkpoint"] = str(run_dir / final_name)
             ckpt.atomic_write_text(run_dir / "eval.json", json.dumps(metrics, indent=2) + "\n")
             print(f"final-iteration val mIoU {100 * metrics['miou']:.2f}  ({run_dir / 'eval.json'})")
@@ -874,7 +876,7 @@ def cli(argv: list[str] | None = None) -> int:
     the problems a user fixes (a missing or wrong file, a bad dataset folder, a device flag)."""
     try:
         return main(argv)
-    except (ckpt.CheckpointError, DatasetError, DeviceError) as exc:
+    except (ckpt.CheckpointError, DatasetError, DeviceError, EvaluationError) as exc:
         print(f"train.py: error: {exc}", file=sys.stderr)
         return 2
     finally:
