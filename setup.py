@@ -1,13 +1,17 @@
-"""Channel-wise knowledge distillation (CWD, ICCV 2021) for semantic segmentation on Cityscapes."""
-from setuptools import setup
+"""Channel-wise knowledge distillation (CWD, ICCV 2021) for semantic segmentation: the ``cwdseg`` package."""
+from setuptools import find_packages, setup
 
 setup(
-    name="cwd-seg",
-    version="0.1.0",
+    name="cwdseg",
+    version="0.2.0",
     description="Channel-wise knowledge distillation for semantic segmentation (PSPNet-R101 -> PSPNet-R18, Cityscapes)",
     python_requires=">=3.9",
-    packages=["libs", "networks", "dataset", "utils"],
-    py_modules=["train", "evaluate"],
+    # One top-level name: the scripts (train.py, evaluate.py, tools/, benchmarks/) stay in the checkout.
+    packages=find_packages(include=["cwdseg", "cwdseg.*"]),
+    entry_points={"console_scripts": [
+        "cwd-train = cwdseg.cli.train:cli",
+        "cwd-eval = cwdseg.cli.evaluate:cli",
+    ]},
     install_requires=[
         # A lower bound only: an installed torch (CPU or CUDA build) is kept as it is.
         "torch>=2.1",
@@ -20,6 +24,12 @@ setup(
     extras_require={
         # libspng PNG decoding: identical pixels, ~1.4x faster training-sample loading
         "fast-png": ["pyspng>=0.1.2"],
-        "test": ["pytest>=7", "pyspng>=0.1.2"],
+        # tools/export.py and predict.py on ONNX files
+        "export": ["onnx>=1.14", "onnxruntime>=1.16", "onnxscript>=0.1", "safetensors>=0.4"],
+        # tools/run_grid.py on a Slurm cluster; PyAV for video files OpenCV cannot read
+        "cluster": ["submitit>=1.5"],
+        "video": ["av>=12"],
+        "test": ["pytest>=7", "pyspng>=0.1.2", "onnx>=1.14", "onnxruntime>=1.16", "onnxscript>=0.1",
+                 "safetensors>=0.4", "submitit>=1.5", "av>=12"],
     },
 )

@@ -10,20 +10,16 @@ image at half the height and width (a quarter of the cost) sets up the kernels a
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 from typing import Sequence
 
 import torch
 
-if __package__ in (None, ""):  # run as a file (python tools/x.py): make the repo root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from networks import build_model
-from utils.inference import predict_logits, sliding_windows
+from cwdseg.engine.precision import AMP_DTYPES
+from cwdseg.models import build_model
+from cwdseg.evaluation.inference import predict_logits, sliding_windows
 
-AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _sync(device: torch.device) -> None:
@@ -57,7 +53,7 @@ def run(
         for amp in amps:
             def once(inp: torch.Tensor = x) -> None:
                 logits = predict_logits(model, inp, mode=mode, tile=tile, overlap=overlap, tile_batch=tile_batch,
-                                        amp_dtype=AMP[amp])
+                                        amp_dtype=AMP_DTYPES[amp])
                 logits.argmax(1)
 
             if warmup:
@@ -94,7 +90,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--arch", default="resnet18", choices=("resnet18", "resnet101"))
     p.add_argument("--size", type=int, nargs=2, default=(1024, 2048), metavar=("H", "W"))
     p.add_argument("--modes", nargs="+", default=["whole", "sliding"], choices=("whole", "sliding"))
-    p.add_argument("--amp", nargs="+", default=["none", "bf16"], choices=tuple(AMP))
+    p.add_argument("--amp", nargs="+", default=["none", "bf16"], choices=tuple(AMP_DTYPES))
     p.add_argument("--images", type=int, default=1, help="timed images per configuration")
     p.add_argument("--tile-batch", type=int, default=6)
     p.add_argument("--device", default=None)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,13 +28,12 @@ import torch
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from networks import build_model  # noqa: E402
-from networks.connector import FeatureConnector  # noqa: E402
-from networks.discriminator import Discriminator  # noqa: E402
-from utils.losses import (  # noqa: E402
+from cwdseg.models import build_model
+from cwdseg.models.summary import arch_macs
+from cwdseg.models.connector import FeatureConnector
+from cwdseg.models.discriminator import Discriminator
+from cwdseg.distill import (
     CriterionCWD,
     CriterionDSN,
     CriterionKD,
@@ -49,34 +47,6 @@ NUM_CLASSES = 19
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def count_macs(model: nn.Module, input_size: tuple[int, int], device: torch.device) -> int:
-    """Conv + linear multiply-accumulates of one forward of one image (forward hooks).
-
-    Pass a model on the ``meta`` device (and ``device=torch.device("meta")``) to count for free.
-    """
-    total = 0
-
-    def hook(module: nn.Module, _inp: tuple, out: torch.Tensor) -> None:
-        nonlocal total
-        if isinstance(module, nn.Conv2d):
-            kh, kw = module.kernel_size
-            total += out.numel() * (module.in_channels // module.groups) * kh * kw
-        elif isinstance(module, nn.Linear):
-            total += out.numel() * module.in_features
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    try:
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            model(torch.zeros(1, 3, *input_size, device=device))
-        model.train(was_training)
-    finally:
-        for h in handles:
-            h.remove()
-    return total
 
 
 def logit_map_size(crop: tuple[int, int]) -> tuple[int, int]:
@@ -134,11 +104,9 @@ def _network_cases(device: torch.device, batch: int, crop: tuple[int, int], net_
     """Student forward+backward and teacher forward at (net_batch, net_crop), scaled by MACs."""
     cases = []
     for arch, role in (("resnet18", "student fwd+bwd"), ("resnet101", "teacher fwd")):
-        meta = torch.device("meta")
-        with meta:  # shapes only: counting MACs at 512x512 costs nothing
-            shadow = build_model(arch, NUM_CLASSES)
-        macs_small = count_macs(shadow, net_crop, meta) * net_batch
-        macs_full = count_macs(shadow, crop, meta) * batch
+        # models.summary counts on the meta device: free even at 512x512 (dsn head included, as measured)
+        macs_small = arch_macs(arch, *net_crop) * net_batch
+        macs_full = arch_macs(arch, *crop) * batch
         torch.manual_seed(0)
         model = build_model(arch, NUM_CLASSES).to(device)
         x = torch.randn(net_batch, 3, *net_crop, device=device)

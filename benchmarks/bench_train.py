@@ -1,7 +1,7 @@
 """Training-step throughput with each speed switch, measured side by side in one run.
 
 Each setting runs in its own process (so peak memory is its own) on the same synthetic batch, through
-``train.train_step`` — the exact function the training loop calls. The reference row is fp32, NCHW, eager.
+``cwdseg.engine.step.train_step`` — the exact function the training loop calls. The reference row is fp32, NCHW, eager.
 
     python benchmarks/bench_train.py                       # CPU: 128x128 crops, batch 2
     python benchmarks/bench_train.py --crop 512 512 --batch 8 --device cuda   # the paper recipe on a GPU
@@ -30,11 +30,12 @@ SETTINGS = {
 def measure_one(setting: str, crop: tuple[int, int], batch: int, steps: int, warmup: int, device: str,
                 recipe: str) -> dict:
     """Time ``steps`` calls of train_step after ``warmup`` calls; runs in the current process."""
-    sys.path.insert(0, str(ROOT))
     import torch
 
-    import train
-    from utils.distributed import DistInfo, peak_memory_mb, resolve_device
+    from cwdseg.cli.train import resolve_args
+    from cwdseg.engine.build import build_criteria, build_engine, build_models, build_optimizers
+    from cwdseg.engine.distributed import DistInfo, peak_memory_mb, resolve_device
+    from cwdseg.engine.step import train_step
 
     amp, channels_last, compile_ = SETTINGS[setting]
     recipe_flags = {
@@ -42,22 +43,22 @@ def measure_one(setting: str, crop: tuple[int, int], batch: int, steps: int, war
         "cwd-kd-adv": ["--cwd", "True", "--kd", "True", "--adv", "True"],
         "baseline": [],
     }[recipe]
-    args = train.resolve_args([
+    args = resolve_args([
         "--amp", amp, "--channels-last", str(channels_last), "--compile", str(compile_), "--device", device,
         "--input-size", f"{crop[0]},{crop[1]}", "--batch-size", str(batch), "--teacher-ckpt", "random",
         "--student-init", "random", *recipe_flags,
     ])
     torch.manual_seed(0)
     info = DistInfo(device=resolve_device(device))
-    engine = train.build_engine(args, info)
+    engine = build_engine(args, info)
     quiet = lambda *_: None  # noqa: E731
     import contextlib
     import io
 
     with contextlib.redirect_stderr(io.StringIO()):  # the random-weights warnings
-        models = train.build_models(args, info, quiet)
-    criteria, weights = train.build_criteria(args)
-    opt_g, opt_d = train.build_optimizers(args, models)
+        models = build_models(args, info, quiet)
+    criteria, weights = build_criteria(args)
+    opt_g, opt_d = build_optimizers(args, models)
     mem = torch.channels_last if channels_last else torch.contiguous_format
     images = torch.randn(batch, 3, *crop, device=info.device).to(memory_format=mem)
     labels = torch.randint(0, 19, (batch, *crop), device=info.device)
@@ -69,17 +70,17 @@ def measure_one(setting: str, crop: tuple[int, int], batch: int, steps: int, war
             torch.cuda.synchronize()
 
     for _ in range(warmup):
-        train.train_step(micro, models, criteria, weights, opt_g, opt_d, engine)
+        train_step(micro, models, criteria, weights, opt_g, opt_d, engine)
     sync()
     if info.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for _ in range(steps):
-        terms = train.train_step(micro, models, criteria, weights, opt_g, opt_d, engine)
+        terms = train_step(micro, models, criteria, weights, opt_g, opt_d, engine)
     sync()
     seconds = (time.perf_counter() - t0) / steps
     peak_mb = peak_memory_mb(info.device)
-    from networks.summary import training_step_flops
+    from cwdseg.models.summary import training_step_flops
 
     flops = training_step_flops("resnet18", args.teacher_arch if models.teacher is not None else None, crop, batch)
     return {

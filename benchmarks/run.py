@@ -13,13 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+# The bench_* modules are imported as siblings: a script's own folder is the first entry of its import path.
 
 
 def machine() -> dict:

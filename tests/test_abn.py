@@ -7,7 +7,7 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from libs import ABN, convert_sync_abn
+from cwdseg.models.abn import ABN, convert_sync_abn
 
 
 def reference_abn(x, weight, bias, running_mean, running_var, training, eps=1e-5, slope=0.01, activation="leaky_relu"):

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from networks import build_model
-from utils import checkpoint as ckpt
-from utils.checkpoint import CheckpointError
+from cwdseg.models import build_model
+from cwdseg import checkpoint as ckpt
+from cwdseg.checkpoint import CheckpointError
 from tests.factories import (
     csail_resnet18_state_dict, pspnet_key_shapes, random_state_dict, write_csail_resnet18, write_legacy_student,
     write_legacy_teacher, write_torchvision_resnet18,

@@ -18,7 +18,7 @@ import pytest
 import torch
 from cityscapesscripts.helpers.labels import labels as cs_labels
 
-from dataset import (
+from cwdseg.data import (
     CLASS_NAMES,
     IGNORE_LABEL,
     IMG_MEAN_BGR,
@@ -33,11 +33,11 @@ from dataset import (
     scan_split,
     worker_init_fn,
 )
-from dataset.labels import LABELS
-from utils.sampling import TrainSampleStream
-import dataset.cityscapes as dataset_io
-from dataset.synthetic import generate
-from dataset.transforms import preprocess
+from cwdseg.data.labels import LABELS
+from cwdseg.data.sampling import TrainSampleStream
+import cwdseg.data.cityscapes as dataset_io
+from cwdseg.data.synthetic import generate
+from cwdseg.data.transforms import preprocess
 
 SIZE = (96, 160)  # (h, w) of the synthetic images: small, so the whole file stays fast
 
@@ -388,7 +388,7 @@ def test_train_id_labels_from_a_list(root_copy, tmp_path):
 
 
 def test_check_command(root, tmp_path, capsys):
-    from dataset.__main__ import main
+    from cwdseg.data.__main__ import main
 
     assert main(["--data-dir", str(root), "--check", "1"]) == 0
     assert "cityscapes test: 2 images" in capsys.readouterr().out

@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from libs import ABN
-from networks.connector import FeatureConnector
-from networks.discriminator import Discriminator, SelfAttention, convert_original_state_dict
-from utils.losses import discriminator_wgan_gp_loss, generator_adversarial_loss
+from cwdseg.models.abn import ABN
+from cwdseg.models.connector import FeatureConnector
+from cwdseg.models.discriminator import Discriminator, SelfAttention, convert_original_state_dict
+from cwdseg.distill import discriminator_wgan_gp_loss, generator_adversarial_loss
 
 SN_LAYERS = ("l1", "l2", "l3", "l4")
 

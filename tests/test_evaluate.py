@@ -13,11 +13,11 @@ import torch
 from cityscapesscripts.helpers.labels import id2label, trainId2label
 from torch import nn
 
-import evaluate
-from dataset.synthetic import generate
+from cwdseg.cli import evaluate
+from cwdseg.data.synthetic import generate
 from tests.factories import write_legacy_student
-from utils.metrics import official_miou
-from utils.visualize import save_color_png, save_label_id_png, save_train_id_png
+from cwdseg.evaluation.metrics import official_miou
+from cwdseg.viz.segmaps import save_color_png, save_label_id_png, save_train_id_png
 
 SIZE = (128, 256)
 N_VAL, N_TEST = 4, 2
@@ -202,7 +202,7 @@ def test_clear_errors(synth, student, tmp_path, capsys):
 
 
 def test_device_flags():
-    from utils.distributed import DeviceError, resolve_device
+    from cwdseg.engine.distributed import DeviceError, resolve_device
 
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device(None, "None") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -218,7 +218,7 @@ def test_device_flags():
 
 
 def test_amp_flags():
-    from utils.distributed import resolve_amp
+    from cwdseg.engine.precision import resolve_amp
 
     cpu = torch.device("cpu")
     assert resolve_amp("auto", cpu) == "none"  # fp32 on a CPU, as the recipe's numbers were made

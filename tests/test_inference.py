@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils.inference import parse_overlap, predict_logits, sliding_windows, tile_stride
+from cwdseg.evaluation.inference import parse_overlap, predict_logits, sliding_windows, tile_stride
 
 C = 5
 

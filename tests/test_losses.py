@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils.losses import (
+from cwdseg.distill import (
     CriterionCWD,
     CriterionDSN,
     CriterionKD,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from utils.metrics import ConfusionMatrix, confusion_matrix, format_table, iou_from_confusion, official_miou
+from cwdseg.evaluation.metrics import ConfusionMatrix, confusion_matrix, format_table, iou_from_confusion, official_miou
 
 
 def test_confusion_matrix_of_a_known_prediction():

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from networks import MODEL_BUILDERS, PSP_FEATURE_CHANNELS, build_model
-from networks.summary import count_macs, count_parameters, training_step_flops
+from cwdseg.models import MODEL_BUILDERS, PSP_FEATURE_CHANNELS, build_model
+from cwdseg.models.summary import count_macs, count_parameters, training_step_flops
 from tests.factories import pspnet_key_shapes, random_state_dict
 
 # ----------------------------------------------------------------------------------------------
@@ -304,7 +304,7 @@ def test_training_step_flops():
 
 
 def test_summary_cli_prints_parameter_count(capsys):
-    from networks.__main__ import main
+    from cwdseg.models.__main__ import main
 
     assert main(["--arch", "resnet18", "--size", "64", "96"]) == 0
     out = capsys.readouterr().out

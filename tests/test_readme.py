@@ -34,12 +34,13 @@ def readme_commands() -> list[str]:
 def quick_start() -> list[str]:
     section = README.split("## Quick start", 1)[1]
     block = re.search(r"```bash\n(.*?)```", section, flags=re.S).group(1)
-    return [c.strip() for line in block.splitlines() for c in line.split("&&") if c.strip()]
+    lines = [re.sub(r"\s+#.*$", "", line).strip() for line in block.splitlines()]
+    return [c.strip() for line in lines for c in line.split("&&") if c.strip()]
 
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory) -> Path:
-    from dataset.synthetic import generate
+    from cwdseg.data.synthetic import generate
 
     return generate(tmp_path_factory.mktemp("readme") / "cityscapes", n_train=2, n_val=2, n_test=1, size=(64, 128))
 
@@ -47,13 +48,14 @@ def synthetic(tmp_path_factory) -> Path:
 def test_quick_start_is_what_ci_runs():
     ci = (ROOT / ".ci" / "run").read_text()
     commands = quick_start()
-    assert commands == ['pip install -e ".[test]"', "python train.py --demo", "python -m pytest -q"]
+    assert commands == ["pip install torch==2.13.0", 'pip install -e ".[test]"', "python train.py --demo",
+                        "python -m pytest -q"]
     for command in commands:
         assert command.replace("pip install", "python -m pip install -q") in ci or command in ci, command
 
 
 def _parse_train(argv: list[str]) -> None:
-    import train
+    from cwdseg.cli import train
 
     train.resolve_args(argv)
 
@@ -72,8 +74,8 @@ def check(command: str, synthetic: Path, tmp_path: Path) -> None:
     if argv[:2] == ["bash", "exp_cwd.sh"]:
         # The script's own argument checks run for real; train.py's parser checks what it passes on.
         stub = tmp_path / "parse_only.sh"
-        stub.write_text(f'#!/bin/sh\nshift\nexec {sys.executable} -c "import sys; sys.path.insert(0, \'{ROOT}\'); '
-                        f'import train; a = train.resolve_args(sys.argv[1:]); print(a.save_name)" "$@"\n')
+        stub.write_text(f'#!/bin/sh\nshift\nexec {sys.executable} -c "import sys; '
+                        f'from cwdseg.cli import train; a = train.resolve_args(sys.argv[1:]); print(a.save_name)" "$@"\n')
         stub.chmod(0o755)
         out = subprocess.run(argv, cwd=ROOT, env=dict(env, PYTHON=str(stub)), capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr
@@ -87,7 +89,7 @@ def check(command: str, synthetic: Path, tmp_path: Path) -> None:
         assert argv[script] == "train.py"
         return _parse_train(argv[script + 1:])
     if argv[:2] == ["python", "evaluate.py"]:
-        import evaluate
+        from cwdseg.cli import evaluate
 
         evaluate.get_args_parser().parse_args(argv[2:])
         return
@@ -102,13 +104,13 @@ def check(command: str, synthetic: Path, tmp_path: Path) -> None:
 
         bench_run.get_args_parser().parse_args(argv[2:])
         return
-    if argv[:3] == ["python", "-m", "dataset"]:
+    if argv[:3] == ["python", "-m", "cwdseg.data"]:
         argv = [a if a != "data/cityscapes" else str(synthetic) for a in argv]
         out = subprocess.run([sys.executable, *argv[1:]], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr
         assert "train" in out.stdout and "val" in out.stdout
         return
-    if argv[:3] == ["python", "-m", "networks"]:
+    if argv[:3] == ["python", "-m", "cwdseg.models"]:
         out = subprocess.run([sys.executable, *argv[1:]], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr
         expected = {"resnet18": ("13.07M", "125.8"), "resnet101": ("70.44M", "574.9")}[argv[argv.index("--arch") + 1]]

@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dataset import CityscapesDataset
-from dataset.synthetic import generate
-from networks import build_model
+from cwdseg.data import CityscapesDataset
+from cwdseg.data.synthetic import generate
+from cwdseg.models import build_model
 from tests.factories import random_state_dict, write_legacy_student, write_legacy_teacher
 from tools import reproduce_table
 from tools.reproduce_table import RELEASED_CHECKPOINTS

@@ -3,7 +3,7 @@ import itertools
 
 import pytest
 
-from utils.sampling import TrainSampleStream
+from cwdseg.data.sampling import TrainSampleStream
 
 
 def take(stream, n):

@@ -16,8 +16,8 @@ import pytest
 from cityscapesscripts.helpers.csHelpers import getCsFileInfo
 from cityscapesscripts.helpers.labels import id2label, labels as cs_labels
 
-from dataset import CityscapesDataset, scan_split
-from dataset.synthetic import MARKER_FILE, SPLIT_CITIES, generate, main
+from cwdseg.data import CityscapesDataset, scan_split
+from cwdseg.data.synthetic import MARKER_FILE, SPLIT_CITIES, generate, main
 
 SIZE = (64, 128)
 COUNTS = dict(n_train=4, n_val=3, n_test=2)
@@ -203,7 +203,7 @@ def test_cli(tmp_path, capsys):
     assert "wrote synthetic Cityscapes" in capsys.readouterr().out
     assert _hashes(tmp_path / "cli") == _hashes(generate(tmp_path / "fn", 2, 1, 1, size=(64, 128), seed=5))
     # The module entry point, as documented.
-    out = subprocess.run([sys.executable, "-m", "dataset.synthetic", str(tmp_path / "m"), "--train", "1", "--val",
+    out = subprocess.run([sys.executable, "-m", "cwdseg.data.synthetic", str(tmp_path / "m"), "--train", "1", "--val",
                           "1", "--test", "0", "--size", "64", "128"], capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parents[1])
     assert out.returncode == 0, out.stderr

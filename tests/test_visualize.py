@@ -2,9 +2,9 @@
 import numpy as np
 import torch
 
-from dataset.cityscapes import IMG_MEAN_BGR
-from dataset.transforms import preprocess
-from utils.visualize import colorize, image_from_network_input, make_panel
+from cwdseg.data.cityscapes import IMG_MEAN_BGR
+from cwdseg.data.transforms import preprocess
+from cwdseg.viz.segmaps import colorize, image_from_network_input, make_panel
 
 
 def test_panel_marks_exactly_the_wrong_labelled_pixels():

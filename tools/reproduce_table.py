@@ -19,13 +19,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-if __package__ in (None, ""):  # run as a file (python tools/x.py): make the repo root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from evaluate import EvaluationError, build_eval_dataset, build_eval_loader, evaluate_model, load_model, \
-    sha256_file
-from utils.distributed import AMP_CHOICES, DeviceError, resolve_device
-from utils.checkpoint import CheckpointError
+from cwdseg.checkpoint import CheckpointError
+from cwdseg.engine.distributed import DeviceError, resolve_device
+from cwdseg.engine.precision import AMP_CHOICES
+from cwdseg.evaluation.loop import EvaluationError, build_eval_dataset, build_eval_loader, evaluate_model, \
+    load_model, sha256_file
 
 SEE_README = "see TorchDistiller README"
 WHOLE_SINGLE_SCALE = {"mode": "whole", "scales": [1.0], "flip": False}

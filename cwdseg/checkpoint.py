@@ -1,0 +1,372 @@
+"""Reading and writing weight files, in one place for training and evaluation.
+
+Files handled:
+
+* **teacher** PSPNet-R101: the original layout (``pspmodule.*`` / ``head.*``, 565 keys, as CWD's
+  ``teacher_city.pth``) or the older toolbox layout (``head.0.*`` = PSP module, ``head.1.*`` =
+  classifier, plus an unused ImageNet ``fc.*``, as SKD's teacher); strict on keys and shapes.
+* **student** PSPNet-R18: the released 150-key layout, strict; also the ``"student"`` entry of our
+  training checkpoint ``last.pth``.
+* **ImageNet init**: the CSAIL (MIT sceneparsing) deep-stem ResNet-18 ``resnet18-imagenet.pth``;
+  every backbone key must be present with its shape, the rest (``fc.*``) is skipped and reported.
+
+All reads use ``torch.load(..., weights_only=True)``: plain tensor dicts in the pre-1.0 (legacy)
+and the zip serialization load; a pickle that carries code or custom objects is refused.
+Every problem is a :class:`CheckpointError` naming the file and what to do, raised *before* any
+tensor is copied into the model: a bad file never leaves a half-loaded or random model behind.
+
+Weights are loaded as they are. :class:`libs.ABN` computes the InPlace-ABN scale ``|w| + eps``, so
+the negative BN weights of the released files need no conversion (the ImageNet file is loaded the
+same way, as the original code did). ``num_batches_tracked`` entries, which the original files do
+not have and our ABN does not use, are ignored on load and never written.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import re
+import tempfile
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from cwdseg.models.summary import unwrap_model  # noqa: F401  (re-exported: older imports)
+
+# Where to get the deep-stem ImageNet ResNet-18 that the original student starts from.
+CSAIL_RESNET18_URL = "http://sceneparsing.csail.mit.edu/model/pretrained_resnet/resnet18-imagenet.pth"
+HEAD_PREFIXES = ("pspmodule.", "head.", "dsn.")
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+MAX_LISTED = 10
+
+
+class CheckpointError(RuntimeError):
+    """A weight file is missing, unreadable, untrusted or does not fit the model."""
+
+
+# --------------------------------------------------------------------------------------------
+# reading
+
+
+def _torch_load(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint file not found: {path} (check the path; see ckpt/README.md "
+                              "for where the released weights come from)")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint path is not a file: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        text = str(e)
+        if "Unsupported global" not in text and "Unsupported class" not in text:
+            # not a pickle the weights-only reader understands at all: a truncated file, an HTML page ...
+            reason = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+            raise CheckpointError(
+                f"{path}: cannot be read as a PyTorch file (the weights_only reader rejected it: "
+                f"{reason.group(1).strip() if reason else type(e).__name__}); the file may be truncated, "
+                "an HTML download page or an untrusted pickle - download it again") from e
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        what = f" (it contains {found.group(1)})" if found else ""
+        raise CheckpointError(
+            f"{path}: refused to load{what}: torch.load(weights_only=True) accepts only tensors and plain "
+            "containers, and this pickle carries code or custom objects. Files from an untrusted source "
+            "can execute code when unpickled. If you trust it, re-save only its tensors once, e.g. "
+            "torch.save(obj.state_dict(), 'clean.pth') in a trusted session, and load that file."
+        ) from e
+    except Exception as e:  # truncated download, HTML error page, not a torch file at all
+        raise CheckpointError(f"{path}: cannot be read as a PyTorch file ({type(e).__name__}: {e}); "
+                              "the file may be truncated or not a checkpoint - download it again") from e
+
+
+def _check_tensor_dict(obj: Any, path: Path | str, where: str = "") -> "OrderedDict[str, torch.Tensor]":
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}{where}: expected a state_dict (a dict of name -> tensor), "
+                              f"found a {type(obj).__name__}")
+    bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        shown = ", ".join(f"{k!r} ({type(obj[k]).__name__})" for k in bad[:MAX_LISTED])
+        raise CheckpointError(f"{path}{where}: not a state_dict: {len(bad)} entries are not tensors: {shown}"
+                              + (" ...; a training checkpoint? its 'student' entry is read automatically"
+                                 if "student" not in obj else ""))
+    return OrderedDict(obj)
+
+
+def load_state_dict_file(path: str | os.PathLike) -> "OrderedDict[str, torch.Tensor]":
+    """The name -> tensor dict stored in ``path`` (legacy or zip serialization, weights_only).
+
+    A training checkpoint of this toolkit (a dict with a ``"student"`` state_dict, as ``last.pth``)
+    gives its student weights. Raises :class:`CheckpointError` for a missing or unreadable file, a
+    pickle with code, or anything that is not a dict of tensors.
+    """
+    obj = _torch_load(path)
+    if isinstance(obj, dict) and isinstance(obj.get("student"), dict):
+        return _check_tensor_dict(obj["student"], path, "['student']")
+    return _check_tensor_dict(obj, path)
+
+
+def load_checkpoint_dict(path: str | os.PathLike) -> dict:
+    """A training checkpoint (e.g. ``last.pth``: nested dicts of tensors, numbers, strings, lists),
+    read with weights_only=True. Raises :class:`CheckpointError` if it is not a dict."""
+    obj = _torch_load(path)
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a training checkpoint (a dict), found a {type(obj).__name__}")
+    return obj
+
+
+# --------------------------------------------------------------------------------------------
+# checking a dict against a model
+
+
+def _drop_counters(sd: dict) -> "OrderedDict[str, torch.Tensor]":
+    return OrderedDict((k, v) for k, v in sd.items() if not k.endswith("num_batches_tracked"))
+
+
+def infer_arch(state_dict: dict) -> str:
+    """``"resnet18"`` or ``"resnet101"``, read from the backbone's key shapes (either teacher layout)."""
+    stem = state_dict.get("conv1.weight")
+    if stem is None or tuple(stem.shape) != (64, 3, 3, 3) or "conv3.weight" not in state_dict:
+        raise CheckpointError("cannot tell the architecture of this state_dict: it has no deep stem "
+                              "(conv1.weight [64, 3, 3, 3] ... conv3.weight)"
+                              + "".join(f"; {h}" for h in _hints(state_dict)))
+    conv1 = state_dict.get("layer1.0.conv1.weight")
+    blocks3 = {k.split(".")[1] for k in state_dict if k.startswith("layer3.")}
+    if conv1 is not None and "layer1.0.conv3.weight" in state_dict and tuple(conv1.shape[2:]) == (1, 1) \
+            and len(blocks3) == 23:
+        return "resnet101"
+    if conv1 is not None and "layer1.0.conv3.weight" not in state_dict and tuple(conv1.shape[2:]) == (3, 3) \
+            and len(blocks3) == 2:
+        return "resnet18"
+    raise CheckpointError("cannot tell the architecture of this state_dict (expected the deep-stem "
+                          "ResNet-18 or ResNet-101 backbone keys, e.g. layer1.0.conv1.weight)"
+                          + "".join(f"; {h}" for h in _hints(state_dict)))
+
+
+def _hints(sd: dict, expected_arch: str | None = None, imagenet: bool = False) -> list[str]:
+    """Likely explanations of a mismatch, from the file's keys and shapes."""
+    hints = []
+    keys = list(sd)
+    for prefix in WRAPPER_PREFIXES:
+        n = sum(k.startswith(prefix) for k in keys)
+        if keys and n >= len(keys) // 2:
+            hints.append(f"keys are prefixed {prefix!r} (saved from a "
+                         f"{'DataParallel/DDP' if prefix == 'module.' else 'torch.compile'} wrapper): strip the "
+                         f"prefix, e.g. {{k.removeprefix({prefix!r}): v for k, v in sd.items()}}, and save again")
+    conv1 = sd.get("conv1.weight")
+    if conv1 is not None and tuple(conv1.shape[2:]) == (7, 7):
+        hints.append("this looks like a torchvision ResNet (7x7 conv1); the deep-stem CSAIL weights are needed: "
+                     f"download resnet18-imagenet.pth from {CSAIL_RESNET18_URL} (see ckpt/README.md)")
+    if any(k.startswith("head.0.") for k in keys):
+        hints.append("this is a teacher in the toolbox layout (head.0.* / head.1.*): load it as the teacher")
+    if expected_arch is not None:
+        try:
+            arch = infer_arch(sd)
+        except CheckpointError:
+            arch = None
+        if arch is not None and arch != expected_arch:
+            role = "student (resnet18)" if arch == "resnet18" else "teacher (resnet101)"
+            hints.append(f"the file holds a {arch} PSPNet, the model is a {expected_arch}: is it the {role} file?")
+    if not imagenet and not hints and "fc.weight" in sd and not any(k.startswith(HEAD_PREFIXES) for k in keys):
+        hints.append("the file is an ImageNet backbone (fc.*, no PSP head): use it as the ImageNet initialisation")
+    return hints
+
+
+def _listing(title: str, items: list[str]) -> str:
+    more = f" ... (+{len(items) - MAX_LISTED} more)" if len(items) > MAX_LISTED else ""
+    return f"\n  {len(items)} {title}: {', '.join(items[:MAX_LISTED])}{more}"
+
+
+def _mismatch_report(path: Any, what: str, missing: list[str], unexpected: list[str],
+                     mismatched: list[tuple[str, tuple, tuple]], hints: Iterable[str]) -> str:
+    msg = f"{path}: does not fit the {what}; nothing was loaded."
+    msg += "".join(f"\n  hint: {h}" for h in hints)  # first: below can be hundreds of lines
+    if missing:
+        msg += _listing("missing keys", missing)
+    if unexpected:
+        msg += _listing("unexpected keys", unexpected)
+    if mismatched:  # every one: a shape mismatch is the thing the user must see
+        msg += f"\n  {len(mismatched)} shape mismatches (file vs model):"
+        msg += "".join(f"\n    {k}: {list(f)} vs {list(m)}" for k, f, m in mismatched)
+    return msg
+
+
+def _arch_of(model: nn.Module) -> str | None:
+    try:
+        return infer_arch(model.state_dict())
+    except CheckpointError:
+        return None
+
+
+def _load_strict(model: nn.Module, sd: dict, path: Any, what: str) -> None:
+    """Check every key and shape first, then load strictly; nothing is copied if anything differs."""
+    model = unwrap_model(model)
+    target = _drop_counters(model.state_dict())
+    sd = _drop_counters(sd)
+    missing = [k for k in target if k not in sd]
+    unexpected = [k for k in sd if k not in target]
+    mismatched = [(k, tuple(sd[k].shape), tuple(target[k].shape)) for k in target
+                  if k in sd and sd[k].shape != target[k].shape]
+    if missing or unexpected or mismatched:
+        raise CheckpointError(_mismatch_report(path, what, missing, unexpected, mismatched,
+                                               _hints(sd, _arch_of(model))))
+    result = model.load_state_dict(sd, strict=False)  # counters (if the model has any) stay as they are
+    leftover = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
+    if leftover or result.unexpected_keys:  # cannot happen after the checks above; guard anyway
+        raise CheckpointError(f"{path}: load_state_dict disagreed: missing {leftover}, "
+                              f"unexpected {result.unexpected_keys}")
+
+
+# --------------------------------------------------------------------------------------------
+# the three kinds of file
+
+
+def toolbox_to_original(sd: dict) -> "tuple[OrderedDict[str, torch.Tensor], list[str]]":
+    """Rename a toolbox-layout teacher dict (``head.0.*`` PSP module, ``head.1.*`` classifier) to
+    the original layout (``pspmodule.*``, ``head.*``) and drop its ImageNet ``fc.*``.
+    Returns (renamed dict, dropped keys)."""
+    out: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+    dropped = []
+    for k, v in sd.items():
+        if k.startswith("head.0."):
+            out["pspmodule." + k[len("head.0."):]] = v
+        elif k.startswith("head.1."):
+            out["head." + k[len("head.1."):]] = v
+        elif k.startswith("fc."):
+            dropped.append(k)
+        else:
+            out[k] = v
+    return out, dropped
+
+
+def load_teacher(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load a PSPNet teacher file into ``model``, strictly (every key, every shape).
+
+    Accepts the original layout (``pspmodule.*``/``head.*``) and the toolbox layout
+    (``head.0.*``/``head.1.*`` + ``fc.*``, the ImageNet classifier, which is dropped).
+    """
+    sd = load_state_dict_file(path)
+    if any(k.startswith("head.0.") for k in sd):
+        sd, _ = toolbox_to_original(sd)
+    _load_strict(model, sd, path, f"teacher ({_arch_of(unwrap_model(model)) or 'PSPNet'})")
+
+
+def load_student(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load a student file (released 150-key layout, or the ``"student"`` entry of ``last.pth``)
+    into ``model``, strictly. Keys with a ``module.``/``_orig_mod.`` prefix are an error (with a hint)."""
+    sd = load_state_dict_file(path)
+    _load_strict(model, sd, path, f"student ({_arch_of(unwrap_model(model)) or 'PSPNet'})")
+
+
+def load_imagenet_backbone(model: nn.Module, path: str | os.PathLike, verbose: bool = True) -> dict[str, list[str]]:
+    """Initialise the backbone of ``model`` (stem + layer1..4) from a deep-stem ImageNet ResNet
+    (the CSAIL ``resnet18-imagenet.pth``); the heads (pspmodule, head, dsn) keep their initialisation.
+
+    Every backbone key of the model must be in the file with its shape, otherwise a
+    :class:`CheckpointError` lists the missing keys / shape mismatches and a hint (prefixed keys,
+    torchvision's 7x7 stem, ...). File entries that are not backbone keys (``fc.*``) are skipped.
+    The BN weights are loaded as they are (ABN applies ``|w| + eps``, as the original did).
+
+    Returns ``{"loaded": [...], "skipped": [...], "not_loaded": [...]}``: model keys loaded, file keys
+    skipped, model keys left at their initialisation; prints a summary when ``verbose``.
+    """
+    raw = load_state_dict_file(path)
+    sd = _drop_counters(raw)
+    net = unwrap_model(model)
+    target = _drop_counters(net.state_dict())
+    backbone = [k for k in target if not k.startswith(HEAD_PREFIXES)]
+    missing = [k for k in backbone if k not in sd]
+    mismatched = [(k, tuple(sd[k].shape), tuple(target[k].shape)) for k in backbone
+                  if k in sd and sd[k].shape != target[k].shape]
+    if missing or mismatched:
+        raise CheckpointError(_mismatch_report(
+            path, "backbone of the model (ImageNet initialisation needs every backbone key)",
+            missing, [], mismatched, _hints(sd, imagenet=True)))
+    wanted = set(backbone)
+    result = net.load_state_dict(OrderedDict((k, sd[k]) for k in backbone), strict=False)
+    if result.unexpected_keys:  # cannot happen: all keys come from the model itself
+        raise CheckpointError(f"{path}: unexpected keys while loading the backbone: {result.unexpected_keys}")
+    report = {
+        "loaded": backbone,
+        "skipped": [k for k in raw if k not in wanted],
+        "not_loaded": [k for k in target if k not in wanted],
+    }
+    if verbose:
+        print(f"ImageNet initialisation from {path}: loaded {len(report['loaded'])} backbone tensors; "
+              f"skipped {len(report['skipped'])} file entries ({_short(report['skipped'])}); "
+              f"{len(report['not_loaded'])} head tensors keep their initialisation "
+              f"({_short(sorted({k.split('.')[0] + '.*' for k in report['not_loaded']}))})")
+    return report
+
+
+def _short(keys: list[str], n: int = 6) -> str:
+    return ", ".join(keys[:n]) + (f", ... (+{len(keys) - n})" if len(keys) > n else "") if keys else "none"
+
+
+# --------------------------------------------------------------------------------------------
+# writing
+
+
+def export_state_dict(model: nn.Module) -> "OrderedDict[str, torch.Tensor]":
+    """The model's weights in the released layout: unwrapped from DDP (``.module``) and
+    torch.compile (``._orig_mod``), without ``num_batches_tracked``, detached CPU tensors."""
+    sd = _drop_counters(unwrap_model(model).state_dict())
+    return OrderedDict((k, v.detach().to("cpu", copy=True).contiguous()) for k, v in sd.items())
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. platforms that cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: str | os.PathLike, write) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # a reader sees the old file or the complete new one, never half
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_save(obj: Any, path: str | os.PathLike, legacy_format: bool = False) -> None:
+    """``torch.save(obj)`` to ``path`` atomically: temp file in the same folder, flush + fsync,
+    ``os.replace``, fsync of the folder. ``legacy_format`` writes the pre-1.6 serialization."""
+    _atomic_write(path, lambda f: torch.save(obj, f, _use_new_zipfile_serialization=not legacy_format))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a UTF-8 text file atomically (as :func:`atomic_save`)."""
+    _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def save_student(model: nn.Module, path: str | os.PathLike) -> None:
+    """Save the student's weights in the released layout (150 keys for PSPNet-R18, no prefixes,
+    no ``num_batches_tracked``). The legacy serialization is used so that the file opens in the
+    original tools (PyTorch 0.4-1.5) as well as here."""
+    atomic_save(export_state_dict(model), path, legacy_format=True)
+
+
+def state_dict_digest(state_dict: dict[str, torch.Tensor]) -> str:
+    """sha256 over the sorted keys and raw tensor bytes: equal digests mean bitwise-equal weights."""
+    h = hashlib.sha256()
+    for key in sorted(state_dict):
+        h.update(key.encode())
+        h.update(state_dict[key].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()

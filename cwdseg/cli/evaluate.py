@@ -1,0 +1,156 @@
+"""Evaluate a PSPNet checkpoint on Cityscapes val (mIoU) or predict the test split for the server.
+
+The defaults are the protocol of every published number of the original code ("singleAndWhole"):
+the whole 1024x2048 image in one forward, one scale, no flip, fp32.
+
+    python evaluate.py --data-dir data/cityscapes --restore-from ckpt/new_rn18-cityscape_singleAndWhole_val-75.02_test-73.86.pth
+    python evaluate.py --data-dir D --restore-from ckpt/teacher_city.pth --save-dir outputs/teacher --official-check
+    python evaluate.py --data-dir D --restore-from CKPT --split test --save-dir outputs/test   # -> submission zip
+    python evaluate.py ... --mode sliding --tile 512 512 --overlap 1/3 --scales 0.75 1.0 1.25 --flip
+
+The architecture is read from the checkpoint's keys (``--arch`` only double-checks it). With
+``--save-dir`` it writes ``results.json`` and the predictions: for val colour PNGs (official Cityscapes
+palette), trainId PNGs and labelId PNGs; for test labelId PNGs named ``<city>_<seq>_<frame>_leftImg8bit.png``
+and ``submission.zip`` of them. The library behind it is :mod:`cwdseg.evaluation`; ``evaluate.py`` and ``cwd-eval`` call :func:`cli`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cwdseg.checkpoint import CheckpointError
+from cwdseg.data import DatasetError
+from cwdseg.data.labels import NUM_CLASSES
+from cwdseg.engine.distributed import DeviceError, resolve_device
+from cwdseg.engine.precision import AMP_CHOICES
+from cwdseg.evaluation.inference import parse_overlap
+from cwdseg.evaluation.loop import SPLITS, EvaluationError, _as_amp_dtype, build_eval_dataset, build_eval_loader, \
+    evaluate_model, load_model, sha256_file
+from cwdseg.evaluation.metrics import format_table
+from cwdseg.evaluation.official import run_official_check
+
+__all__ = ["EvaluationError", "_as_amp_dtype", "build_eval_dataset", "build_eval_loader", "evaluate_model",
+           "get_args_parser", "load_model", "main", "cli"]
+
+
+def _overlap_arg(value: str) -> float:
+    try:
+        return parse_overlap(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    """The command line of evaluate.py (reusable by other scripts through ``parents=``)."""
+    p = argparse.ArgumentParser(description="Evaluate a PSPNet checkpoint on Cityscapes", add_help=add_help,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--data-dir", required=True, help="Cityscapes root (holds leftImg8bit/ and gtFine/)")
+    g.add_argument("--split", choices=SPLITS, default="val", help="val: mIoU; test: labelId PNGs for the server")
+    g.add_argument("--data-list", default=None,
+                   help="list file of the split (image<TAB>label per line); default: scan the split folder")
+    g.add_argument("--max-images", type=int, default=None, help="evaluate only the first N images (quick checks)")
+    g.add_argument("--num-classes", "--num_classes", dest="num_classes", type=int, default=NUM_CLASSES,
+                   help="number of classes of the network")
+    g = p.add_argument_group("model")
+    g.add_argument("--restore-from", required=True, help="checkpoint file (released student/teacher or ours)")
+    g.add_argument("--arch", choices=("resnet18", "resnet101"), default=None,
+                   help="network; default: inferred from the checkpoint's keys (given: must match the file)")
+    g = p.add_argument_group("protocol")
+    g.add_argument("--mode", choices=("whole", "sliding"), default="whole",
+                   help="whole image in one forward, or overlapping tiles")
+    g.add_argument("--tile", type=int, nargs=2, default=(512, 512), metavar=("H", "W"), help="sliding tile size")
+    g.add_argument("--overlap", type=_overlap_arg, default=1 / 3,
+                   help="sliding tile overlap, a fraction like 1/3 or a float; stride = ceil(tile*(1-overlap))")
+    g.add_argument("--tile-batch", type=int, default=6, help="tiles per forward in sliding mode")
+    g.add_argument("--scales", type=float, nargs="+", default=[1.0], help="image scales whose logits are averaged")
+    g.add_argument("--flip", action="store_true", help="also average the logits of the mirrored image")
+    g = p.add_argument_group("runtime")
+    g.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N; default: cuda if available else cpu")
+    g.add_argument("--gpu", default=None,
+                   help="the original's GPU index; --gpu N means --device cuda:N (the string None is ignored)")
+    g.add_argument("--amp", choices=AMP_CHOICES, default="none",
+                   help="autocast dtype of the network forward (auto: bf16 on a GPU that has it, else none); "
+                        "none (fp32) reproduces the published numbers")
+    g.add_argument("--batch-size", type=int, default=1, help="images per forward (1 keeps 1024x2048 memory sane)")
+    g.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1), help="data-loading processes")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    g = p.add_argument_group("output")
+    g.add_argument("--save-dir", default=None,
+                   help="write results.json and prediction PNGs here; without it only the metrics are printed")
+    g.add_argument("--official-check", action="store_true",
+                   help="after writing the labelId PNGs (val, needs --save-dir), score them with cityscapesscripts")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Parse ``argv``, evaluate, print the table, write ``results.json`` with --save-dir; returns the results."""
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if args.official_check and (args.save_dir is None or args.split != "val"):
+        parser.error("--official-check scores the labelId PNGs of the val split: pass --split val and --save-dir")
+    if args.batch_size < 1 or args.tile_batch < 1 or args.num_workers < 0:
+        parser.error("--batch-size and --tile-batch must be >= 1, --num-workers >= 0")
+    device = resolve_device(args.device, args.gpu)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # every image has the same size
+
+    model, arch = load_model(args.restore_from, args.arch, args.num_classes)
+    dataset = build_eval_dataset(args.data_dir, args.split, args.data_list, args.max_images)
+    loader = build_eval_loader(dataset, args.batch_size, args.num_workers)
+    print(f"evaluating {args.restore_from} ({arch}) on {len(dataset)} {args.split} images, {args.mode} mode, "
+          f"scales {args.scales}, flip {args.flip}, amp {args.amp}, device {device}", flush=True)
+
+    results = evaluate_model(
+        model, loader, num_classes=args.num_classes, mode=args.mode, tile=tuple(args.tile), overlap=args.overlap,
+        scales=tuple(args.scales), flip=args.flip, device=device, amp=args.amp, save_dir=args.save_dir,
+        split=args.split, progress=args.progress, tile_batch=args.tile_batch,
+    )
+    results["checkpoint"] = {"path": str(Path(args.restore_from).resolve()), "sha256": sha256_file(args.restore_from),
+                             "arch": arch}
+    results["data"] = {"data_dir": str(Path(args.data_dir).resolve()), "data_list": args.data_list,
+                       "max_images": args.max_images}
+
+    if args.split == "val":
+        print(format_table(results))
+    else:
+        print(f"test split: no metrics (Cityscapes test labels are dummies); submit {results['outputs']['zip']}"
+              if results["outputs"] else "test split: no metrics (labels are dummies); pass --save-dir for the PNGs")
+    print(f"{results['num_images']} images in {results['seconds']:.1f} s ({results['images_per_s']:.2f} img/s)")
+
+    if args.official_check:
+        check = run_official_check(results, dataset.samples)
+        results["official_check"] = check
+        print(f"mIoU evaluate.py: {100 * check['ours_miou']:.4f} (absent classes count 0) | over the classes the "
+              f"official tool scores: {100 * (check['ours_miou_scored_classes'] or 0):.4f} | cityscapesscripts: "
+              f"{100 * check['official_miou']:.4f} | largest per-class difference {100 * check['max_class_diff']:.2e}")
+        if check["unscored_classes"]:
+            print(f"  classes absent from ground truth and prediction (NaN for the official tool, 0 here): "
+                  f"{', '.join(check['unscored_classes'])}")
+
+    if args.save_dir is not None:
+        out = Path(args.save_dir) / "results.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {out}")
+    return results
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """Console entry: :func:`main`, with clear one-line errors (exit status 2) instead of tracebacks."""
+    try:
+        main(argv)
+    except (EvaluationError, CheckpointError, DatasetError, DeviceError) as exc:
+        print(f"evaluate.py: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

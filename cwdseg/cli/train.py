@@ -1,0 +1,447 @@
+"""Train a PSPNet-R18 student on Cityscapes with channel-wise distillation (CWD) from a PSPNet-R101 teacher.
+
+The defaults are the original recipe (TorchDistiller ``SemSeg-distill``): 40000 steps, batch 8,
+512x512 random crops, SGD lr 0.01 / momentum 0.9 / weight decay 5e-4, poly(0.9), teacher in eval mode.
+``exp_cwd.sh`` maps the original eight positional arguments onto the flags below.
+
+    python train.py --demo                         # synthetic data, a few minutes on a CPU
+    bash exp_cwd.sh channel kl 3 4 False False False v1
+    torchrun --nproc_per_node=4 train.py --cwd True ...
+
+Read top to bottom: arguments -> build -> resume -> loop (``train_step``) -> save -> evaluate.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cwdseg import checkpoint as ckpt
+from cwdseg.data import CityscapesDataset, DatasetError
+from cwdseg.data.cityscapes import build_loader
+from cwdseg.data.sampling import TrainSampleStream
+from cwdseg.engine.build import RANDOM, Engine, Models, build_criteria, build_engine, build_models, build_optimizers
+from cwdseg.engine.distributed import DeviceError, DistInfo, barrier, cleanup, init_distributed
+from cwdseg.engine.precision import AMP_CHOICES
+from cwdseg.engine.runlog import RunLog, StepWindow, code_version, peak_tflops
+from cwdseg.engine.state import jsonable, load_last, save_last
+from cwdseg.engine.step import poly_lr, set_lr, train_step
+from cwdseg.evaluation.loop import EvaluationError, build_eval_dataset, build_eval_loader, evaluate_model
+from cwdseg.models.summary import training_step_flops
+
+__all__ = ["get_args_parser", "resolve_args", "main", "cli", "poly_lr"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Arguments
+# --------------------------------------------------------------------------------------------------
+def str2bool(value: str | bool) -> bool:
+    """The original's True/False strings (and the usual spellings)."""
+    if isinstance(value, bool):
+        return value
+    v = value.strip().lower()
+    if v in ("true", "1", "yes", "y", "t"):
+        return True
+    if v in ("false", "0", "no", "n", "f"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
+
+
+def input_size(value: str) -> tuple[int, int]:
+    """``H,W`` as the original's ``--input-size 512,512``."""
+    try:
+        h, w = (int(v) for v in value.replace(" ", "").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected H,W such as 512,512, got {value!r}") from None
+    if h <= 0 or w <= 0:
+        raise argparse.ArgumentTypeError(f"crop size must be positive, got {value!r}")
+    return h, w
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Channel-wise knowledge distillation for semantic segmentation (PSPNet-R101 -> PSPNet-R18).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False,
+    )
+    flag = dict(type=str2bool, nargs="?", const=True, metavar="True|False")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data-dir", default=os.environ.get("CITYSCAPES", "data/cityscapes"),
+                   help="Cityscapes root (leftImg8bit/, gtFine/), from $CITYSCAPES when set")
+    g.add_argument("--data-list", default=None, help="train list file (image<TAB>label); none: scan the train split")
+    g.add_argument("--data-listval", default=None, help="val list file; none: scan the val split")
+    g.add_argument("--input-size", type=input_size, default=(512, 512), help="random crop H,W")
+    g.add_argument("--random-mirror", default=False, **flag, help="random horizontal flip (off in the recipe)")
+    g.add_argument("--random-scale", default=False, **flag, help="random scale 0.7..2.1 (off in the recipe)")
+    g.add_argument("--cache-images", default=False, **flag, help="keep decoded training images in RAM")
+    g.add_argument("--num-workers", type=int, default=4, help="data loader processes")
+    g.add_argument("--num_classes", "--num-classes", dest="num_classes", type=int, default=19)
+    g.add_argument("--ignore-label", type=int, default=255)
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch-size", type=int, default=8, help="images per optimiser step, summed over processes")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (same effective batch)")
+    g.add_argument("--num-steps", type=int, default=40000)
+    g.add_argument("--lr-g", type=float, default=0.01, help="SGD learning rate of the student (and connector)")
+    g.add_argument("--lr-d", type=float, default=4e-4, help="Adam learning rate of the discriminator")
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight-decay", type=float, default=5e-4)
+    g.add_argument("--power", type=float, default=0.9, help="poly learning-rate decay power")
+    g.add_argument("--seed", type=int, default=0)
+
+    g = p.add_argument_group("distillation")
+    g.add_argument("--cwd", default=False, **flag, help="channel-wise distillation")
+    g.add_argument("--cwd-feat", default=False, **flag,
+                   help="CWD on the PSP feature through a 1x1 connector instead of on the logits")
+    g.add_argument("--norm-type", default="channel", choices=["channel", "spatial", "channel_mean", "none"])
+    g.add_argument("--divergence", default="kl", choices=["kl", "mse"])
+    g.add_argument("--temperature", type=float, default=4.0, help="CWD temperature (forced to 1 with mse)")
+    g.add_argument("--lambda-cwd", type=float, default=3.0)
+    g.add_argument("--cwd-ignore-mask", default=False, **flag,
+                   help="extension: leave pixels labelled --ignore-label out of CWD (off in the original)")
+    g.add_argument("--kd", default=False, **flag, help="pixel-wise KD on the logits")
+    g.add_argument("--lambda-kd", type=float, default=10.0)
+    g.add_argument("--adv", default=False, **flag, help="holistic adversarial distillation (WGAN-GP)")
+    g.add_argument("--lambda-adv", type=float, default=0.001, help="generator adversarial weight")
+    g.add_argument("--lambda-d", type=float, default=0.1, help="discriminator loss weight")
+    g.add_argument("--lambda-gp", type=float, default=10.0, help="gradient-penalty weight (times lambda-d)")
+
+    g = p.add_argument_group("models")
+    g.add_argument("--T_ckpt_path", "--teacher-ckpt", dest="T_ckpt_path", default="ckpt/teacher_city.pth",
+                   help=f"teacher weights; '{RANDOM}' for a random teacher (smoke tests only)")
+    g.add_argument("--teacher-arch", default="resnet101", choices=["resnet101", "resnet18"])
+    g.add_argument("--is-student-load-imgnet", default=True, **flag, help="initialise the student from ImageNet")
+    g.add_argument("--student-pretrain-model-imgnet", "--student-init", dest="student_pretrain_model_imgnet",
+                   default="ckpt/resnet18-imagenet.pth",
+                   help=f"CSAIL deep-stem ResNet-18 ImageNet weights; '{RANDOM}' for random init")
+
+    g = p.add_argument_group("outputs and run control")
+    g.add_argument("--save-dir", default="ckpt", help="runs are written to SAVE_DIR/SAVE_NAME/")
+    g.add_argument("--save-name", default=None, help="run name; none: built like exp_cwd.sh's")
+    g.add_argument("--save-every", "--save-ckpt-every", dest="save_every", type=int, default=0,
+                   help="also write city_<step>_G.pth every N steps (0: only at the end, as the original)")
+    g.add_argument("--save-last-every", type=int, default=500,
+                   help="write the resumable last.pth every N steps (and at the end, and on SIGTERM)")
+    g.add_argument("--eval-every", type=int, default=0, help="evaluate on val every N steps (0: only at the end)")
+    g.add_argument("--save-best", default=False, **flag,
+                   help="keep the best-val student as best_val_G.pth (labelled as selected on val)")
+    g.add_argument("--eval", default=True, **flag, help="evaluate the final student on val")
+    g.add_argument("--resume", default=None, help="resume from this last.pth; none: SAVE_DIR/SAVE_NAME/last.pth when it exists")
+    g.add_argument("--log-every", type=int, default=20, help="steps between metric lines")
+    g.add_argument("--demo", action="store_true",
+                   help="small run on the built-in synthetic dataset (generated if missing); minutes on a CPU")
+
+    g = p.add_argument_group("engine")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--gpu", default=None, help="the original's GPU index: the same as --device cuda:N")
+    g.add_argument("--amp", default="auto", choices=AMP_CHOICES,
+                   help="autocast precision; auto = bf16 on a GPU that has it, none on CPU")
+    g.add_argument("--channels-last", default=None, **flag, help="NHWC memory format (default: on GPU)")
+    g.add_argument("--compile", default=False, **flag, help="torch.compile the student and teacher")
+    g.add_argument("--deterministic", default=None, **flag,
+                   help="deterministic algorithms (default: on CPU, where resumes are then bitwise exact)")
+    return p
+
+
+# What --demo changes, unless the flag was given on the command line.
+DEMO_SETTINGS: dict[str, Any] = dict(
+    data_dir="data/synthetic", input_size=(96, 96), batch_size=4, num_steps=120, cwd=True,
+    T_ckpt_path=RANDOM, is_student_load_imgnet=False, num_workers=2, save_last_every=40, log_every=10,
+)
+DEMO_DATASET = dict(n_train=24, n_val=6, n_test=4, size=(256, 512), seed=0)
+
+
+def format_number(x: float) -> str:
+    return f"{x:g}"
+
+
+def default_run_name(args: argparse.Namespace) -> str:
+    """Same shape as exp_cwd.sh's ``${KD}_${ADV}_${FEAT}_${NORM}_${DIVERGENCE}_${WEIGHT}_${TEMPERATURE}_${VERSION}``."""
+    if args.demo:
+        return "demo" if args.cwd or args.kd or args.adv else "demo_baseline"
+    if not (args.cwd or args.kd or args.adv):
+        return "baseline"
+    version = "train"
+    return "_".join([str(args.kd), str(args.adv), str(args.cwd_feat), args.norm_type, args.divergence,
+                     format_number(args.lambda_cwd), format_number(args.temperature), version])
+
+
+def resolve_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = get_args_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    if args.demo:
+        # The demo's values become the defaults, so a flag typed on the command line still wins.
+        parser.set_defaults(**DEMO_SETTINGS)
+        args = parser.parse_args(argv)
+    if args.save_name is None:
+        args.save_name = default_run_name(args)
+    errors = []
+    if args.cwd_feat and not args.cwd:
+        errors.append("--cwd-feat True needs --cwd True (it selects where CWD is applied)")
+    if args.divergence == "mse" and args.temperature != 1.0:
+        print(f"note: --divergence mse uses temperature 1 (as the original); --temperature {args.temperature} ignored")
+        args.temperature = 1.0
+    for name in ("batch_size", "num_steps", "grad_accum", "save_last_every", "log_every"):
+        if getattr(args, name) <= 0:
+            errors.append(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ("save_every", "eval_every", "num_workers"):
+        if getattr(args, name) < 0:
+            errors.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if errors:
+        parser.error("; ".join(errors))
+    return args
+
+
+# --------------------------------------------------------------------------------------------------
+# Pieces of main
+# --------------------------------------------------------------------------------------------------
+class StopFlag:
+    """SIGTERM (cluster preemption) asks the loop to save last.pth and exit after the current step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self, signum, frame) -> None:
+        self.requested = True
+
+
+def seed_everything(seed: int, deterministic: bool, device: torch.device) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
+    torch.backends.cudnn.benchmark = not deterministic
+
+
+def per_rank_batch(args: argparse.Namespace, info: DistInfo) -> int:
+    per_rank, rem = divmod(args.batch_size, info.world_size * args.grad_accum)
+    if rem or per_rank == 0:
+        raise SystemExit(f"error: --batch-size {args.batch_size} does not split into {info.world_size} processes x "
+                         f"--grad-accum {args.grad_accum}; choose a batch size divisible by their product")
+    return per_rank
+
+
+def prepare_demo_data(args: argparse.Namespace, info: DistInfo) -> None:
+    root = Path(args.data_dir)
+    if (root / "leftImg8bit").is_dir():
+        return
+    if info.is_main:
+        from cwdseg.data.synthetic import generate
+
+        print(f"demo: generating the synthetic Cityscapes-format dataset in {root}", flush=True)
+        generate(root, **DEMO_DATASET)
+    barrier()
+
+
+def resume_step(args: argparse.Namespace, run_dir: Path, models: Models, opt_g, opt_d, engine: Engine, log) -> int:
+    """The step to start from: 0, or the one stored in --resume / the run folder's last.pth."""
+    last_path = run_dir / "last.pth"
+    resume_from = Path(args.resume) if args.resume else (last_path if last_path.exists() else None)
+    if args.resume and not resume_from.exists():
+        raise SystemExit(f"error: --resume {args.resume}: no such file")
+    if resume_from is None:
+        return 0
+    step = load_last(resume_from, models, opt_g, opt_d, engine, args)
+    log(f"resumed from {resume_from} at step {step}/{args.num_steps}")
+    return step
+
+
+def write_config(args: argparse.Namespace, info: DistInfo, run_dir: Path, per_rank: int) -> None:
+    config = {k: jsonable(v) for k, v in vars(args).items()}
+    config.update(code_version=code_version(), torch_version=torch.__version__, world_size=info.world_size,
+                  per_rank_batch=per_rank, device=str(info.device))
+    ckpt.atomic_write_text(run_dir / "config.json", json.dumps(config, indent=2) + "\n")
+
+
+def build_train_loader(args: argparse.Namespace, info: DistInfo, per_rank: int, start_step: int):
+    train_set = CityscapesDataset(
+        args.data_dir, "train", list_path=args.data_list, crop_size=args.input_size,
+        random_scale=args.random_scale, random_mirror=args.random_mirror, ignore_label=args.ignore_label,
+        cache_images=args.cache_images, verbose=info.is_main,
+    )
+    stream = TrainSampleStream(len(train_set), seed=args.seed, rank=info.rank, world_size=info.world_size,
+                               start=start_step * per_rank * args.grad_accum)
+    return build_loader(train_set, batch_size=per_rank, sampler=stream, num_workers=args.num_workers,
+                        drop_last=True, generator=torch.Generator().manual_seed(args.seed))
+
+
+def next_micro_batches(data_iter, args: argparse.Namespace, engine: Engine) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``--grad-accum`` (images, labels) pairs, on the device in the engine's memory format."""
+    non_blocking = engine.device.type == "cuda"
+    mem = torch.channels_last if engine.channels_last else torch.contiguous_format
+    micro = []
+    for _ in range(args.grad_accum):
+        images, labels, _names = next(data_iter)
+        micro.append((images.to(engine.device, non_blocking=non_blocking, memory_format=mem),
+                      labels.to(engine.device, non_blocking=non_blocking).long()))
+    return micro
+
+
+class Validation:
+    """Val evaluations of the student during and after training (the val loader is built once, on first use)."""
+
+    def __init__(self, args: argparse.Namespace, run_dir: Path) -> None:
+        self.args, self.run_dir, self.loader, self.best_miou = args, run_dir, None, -1.0
+
+    def run(self, models: Models, engine: Engine, step: int, tag: str) -> dict:
+        if self.loader is None:
+            val_set = build_eval_dataset(self.args.data_dir, "val", self.args.data_listval,
+                                         ignore_label=self.args.ignore_label)
+            self.loader = build_eval_loader(val_set, batch_size=1, num_workers=min(self.args.num_workers, 2))
+        metrics = evaluate_model(models.student_module, self.loader, num_classes=self.args.num_classes,
+                                 device=engine.device, amp=self.args.amp, progress=sys.stdout.isatty())
+        metrics.update({"step": step, "selection": tag, "run": self.args.save_name})
+        return metrics
+
+    def intermediate(self, models: Models, engine: Engine, step: int, log) -> None:
+        metrics = self.run(models, engine, step - 1, "intermediate")
+        log(f"step {step}: val mIoU {100 * metrics['miou']:.2f}")
+        with open(self.run_dir / "eval_history.jsonl", "a") as f:
+            f.write(json.dumps(metrics | {"confusion_matrix": None}) + "\n")
+        if self.args.save_best and metrics["miou"] > self.best_miou:
+            self.best_miou = metrics["miou"]
+            ckpt.save_student(models.student_module, self.run_dir / "best_val_G.pth")
+            ckpt.atomic_write_text(self.run_dir / "best_val.json", json.dumps(
+                metrics | {"selection": "best-val (chosen on the val set: optimistic)"}, indent=2))
+
+
+def finish_run(args: argparse.Namespace, info: DistInfo, run_dir: Path, models: Models, engine: Engine,
+               validation: Validation) -> None:
+    """Final weights (as the original names them), curves, and the final-iteration val evaluation."""
+    final_name = f"city_{args.num_steps - 1}_G.pth"
+    if info.distributed:
+        # Every rank states what it holds, so a divergence between processes is visible in the log.
+        print(f"rank {info.rank}/{info.world_size}: student sha256 "
+              f"{ckpt.state_dict_digest(ckpt.export_state_dict(models.student_module))}", flush=True)
+        barrier()
+    if not info.is_main:
+        return
+    ckpt.save_student(models.student_module, run_dir / final_name)
+    if models.discriminator is not None:
+        ckpt.atomic_save(models.discriminator.state_dict(), run_dir / f"city_{args.num_steps - 1}_D.pth")
+    print(f"student saved: {run_dir / final_name}")
+    if (run_dir / "metrics.jsonl").exists():
+        from cwdseg.viz.curves import plot_training_curves
+
+        plot_training_curves(run_dir / "metrics.jsonl", run_dir / "curves.png", title=args.save_name)
+    if args.eval:
+        metrics = validation.run(models, engine, args.num_steps - 1, "final-iteration")
+        metrics["checkpoint"] = str(run_dir / final_name)
+        ckpt.atomic_write_text(run_dir / "eval.json", json.dumps(metrics, indent=2) + "\n")
+        print(f"final-iteration val mIoU {100 * metrics['miou']:.2f}  ({run_dir / 'eval.json'})")
+    print(f"run folder: {run_dir}  (config.json, metrics.jsonl, curves.png, last.pth, {final_name}"
+          f"{', eval.json' if args.eval else ''})")
+
+
+def agree_to_stop(stop: StopFlag, step: int, args: argparse.Namespace, info: DistInfo) -> bool:
+    """Whether to stop after this step. Every rank must stop at the same step; agreeing costs a host
+    sync, so under torchrun it is done on log steps only (preemption grace is much longer)."""
+    if not info.distributed:
+        return stop.requested
+    if step % args.log_every:
+        return False
+    flag = torch.tensor([float(stop.requested)], device=info.device)
+    torch.distributed.all_reduce(flag)
+    return bool(flag.item())
+
+
+# --------------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    args = resolve_args(argv)
+    info = init_distributed(args.device, args.gpu)
+    engine = build_engine(args, info)
+    run_dir = Path(args.save_dir) / args.save_name
+    if args.demo:
+        prepare_demo_data(args, info)
+    seed_everything(args.seed, args.deterministic, info.device)
+    per_rank = per_rank_batch(args, info)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    barrier()
+    log = RunLog(None, 0, 0, enabled=info.is_main)  # plain messages until the loop starts
+    if info.distributed or args.grad_accum > 1:
+        log(f"batch {args.batch_size} per step = {info.world_size} process(es) x {args.grad_accum} micro-batch(es) "
+            f"x {per_rank} images (the recipe's effective batch is kept)")
+
+    # build -> resume
+    models = build_models(args, info, log)
+    criteria, weights = build_criteria(args)
+    opt_g, opt_d = build_optimizers(args, models)
+    start_step = resume_step(args, run_dir, models, opt_g, opt_d, engine, log)
+    if info.is_main:
+        write_config(args, info, run_dir, per_rank)
+    loader = build_train_loader(args, info, per_rank, start_step)
+    stop = StopFlag()
+    signal.signal(signal.SIGTERM, stop)
+    flops = training_step_flops("resnet18", args.teacher_arch if models.teacher is not None else None,
+                                args.input_size, args.batch_size)
+    validation = Validation(args, run_dir)
+    last_path = run_dir / "last.pth"
+
+    # loop
+    log.close()
+    log = RunLog(run_dir, args.num_steps, start_step, enabled=info.is_main)
+    window = StepWindow(args.batch_size, flops, peak_tflops(info.device))
+    data_iter = iter(loader) if start_step < args.num_steps else None
+    step = start_step
+    try:
+        while step < args.num_steps:
+            lr_g = set_lr(opt_g, opt_d, args, step)
+            t0 = time.perf_counter()
+            micro = next_micro_batches(data_iter, args, engine)
+            window.data_seconds += time.perf_counter() - t0
+            terms = train_step(micro, models, criteria, weights, opt_g, opt_d, engine)
+            step += 1
+            window.add(terms)
+            if step % args.log_every == 0 or step == args.num_steps or step == start_step + 1:
+                log.metrics(window.record(step, args.num_steps, lr_g, info.device), window.steps)
+                window.reset()
+            if info.is_main and args.save_every and step % args.save_every == 0 and step < args.num_steps:
+                ckpt.save_student(models.student_module, run_dir / f"city_{step - 1}_G.pth")
+            stopping = agree_to_stop(stop, step, args, info)
+            if info.is_main and (step % args.save_last_every == 0 or step == args.num_steps or stopping):
+                save_last(last_path, step, models, opt_g, opt_d, engine, args, step * per_rank * args.grad_accum)
+            if stopping:
+                log(f"SIGTERM: saved {last_path} at step {step}; rerun the same command to resume")
+                barrier()
+                return 0
+            if args.eval_every and step % args.eval_every == 0 and step < args.num_steps:
+                if info.is_main:
+                    validation.intermediate(models, engine, step, log)
+                barrier()
+    finally:
+        log.close()
+
+    # save -> evaluate
+    finish_run(args, info, run_dir, models, engine, validation)
+    barrier()
+    return 0
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """Console entry: :func:`main`, with one-line errors (exit status 2) instead of tracebacks for
+    the problems a user fixes (a missing or wrong file, a bad dataset folder, a device flag)."""
+    try:
+        return main(argv)
+    except (ckpt.CheckpointError, DatasetError, DeviceError, EvaluationError) as exc:
+        print(f"train.py: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

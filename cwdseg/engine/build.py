@@ -1,0 +1,171 @@
+"""Building the parts of a run from its arguments: models, loss criteria and weights, optimisers, engine."""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from cwdseg import checkpoint as ckpt
+from cwdseg.distill import CriterionCWD, CriterionDSN, CriterionKD
+from cwdseg.engine.distributed import DistInfo
+from cwdseg.engine.precision import AMP_DTYPES, autocast_context, resolve_amp
+from cwdseg.models import PSP_FEATURE_CHANNELS, build_model
+from cwdseg.models.abn import convert_sync_abn
+from cwdseg.models.connector import FeatureConnector
+from cwdseg.models.discriminator import Discriminator
+
+RANDOM = "random"  # value of --teacher-ckpt / --student-init that asks for random weights explicitly
+
+
+@dataclass
+class Models:
+    student: nn.Module                 # possibly DDP / compiled; `student_module` is the plain one
+    student_module: nn.Module
+    teacher: nn.Module | None = None
+    connector: nn.Module | None = None
+    discriminator: nn.Module | None = None
+
+    def trainable_g(self) -> list[nn.Parameter]:
+        params = list(self.student_module.parameters())
+        if self.connector is not None:
+            params += list(self.connector.parameters())
+        return params
+
+
+@dataclass
+class Criteria:
+    dsn: CriterionDSN
+    cwd: CriterionCWD | None = None
+    kd: CriterionKD | None = None
+    cwd_ignore_mask: bool = False
+    ignore_label: int = 255
+
+
+@dataclass
+class Weights:
+    cwd: float = 0.0
+    kd: float = 0.0
+    adv: float = 0.0
+    d: float = 0.0
+    gp: float = 0.0
+
+
+@dataclass
+class Engine:
+    """Everything about *how* the step runs, not *what* it computes."""
+
+    device: torch.device
+    autocast: Any                      # a context-manager factory
+    scaler: torch.amp.GradScaler
+    channels_last: bool
+    dist: DistInfo
+    grad_accum: int = 1
+    cwd_feat: bool = False
+
+
+def needs_teacher(args: argparse.Namespace) -> bool:
+    return bool(args.cwd or args.kd or args.adv)
+
+
+def warn_loud(message: str) -> None:
+    bar = "!" * 78
+    print(f"{bar}\n!! WARNING: {message}\n{bar}", file=sys.stderr, flush=True)
+
+
+def build_models(args: argparse.Namespace, info: DistInfo, log) -> Models:
+    device = info.device
+    student = build_model("resnet18", args.num_classes)
+    if not args.is_student_load_imgnet or args.student_pretrain_model_imgnet == RANDOM:
+        if info.is_main:
+            warn_loud("the student starts from RANDOM weights (no ImageNet initialisation); "
+                      "the paper's numbers need ckpt/resnet18-imagenet.pth")
+    else:
+        report = ckpt.load_imagenet_backbone(student, args.student_pretrain_model_imgnet, verbose=info.is_main)
+        log(f"student initialised from {args.student_pretrain_model_imgnet}: "
+            f"{len(report['loaded'])} tensors loaded, {len(report['skipped'])} skipped")
+
+    teacher = None
+    if needs_teacher(args):
+        teacher = build_model(args.teacher_arch, args.num_classes)
+        if args.T_ckpt_path == RANDOM:
+            if info.is_main:
+                warn_loud("the teacher has RANDOM weights: the distillation terms teach nothing useful. "
+                          "This is for smoke tests and the demo; pass --teacher-ckpt ckpt/teacher_city.pth for real runs")
+        else:
+            ckpt.load_teacher(teacher, args.T_ckpt_path)
+            log(f"teacher ({args.teacher_arch}) loaded from {args.T_ckpt_path}")
+        teacher.eval().requires_grad_(False)
+
+    connector = None
+    if args.cwd and args.cwd_feat:
+        connector = FeatureConnector(PSP_FEATURE_CHANNELS["resnet18"], PSP_FEATURE_CHANNELS[args.teacher_arch])
+    discriminator = Discriminator(in_channels=args.num_classes) if args.adv else None  # only when used (bug fix)
+
+    mem = torch.channels_last if args.channels_last else torch.contiguous_format
+    for m in (student, teacher, connector, discriminator):
+        if m is not None:
+            m.to(device=device, memory_format=mem)
+    if info.distributed:
+        # Statistics over the whole global batch, as InPlaceABNSync; works on NCCL and gloo.
+        convert_sync_abn(student)
+        if connector is not None:
+            convert_sync_abn(connector)
+    student_module = student
+    if args.compile:
+        student = torch.compile(student)
+        if teacher is not None:
+            teacher = torch.compile(teacher)
+    if info.distributed:
+        student = nn.parallel.DistributedDataParallel(
+            student, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
+        )
+    return Models(student, student_module, teacher, connector, discriminator)
+
+
+def build_criteria(args: argparse.Namespace) -> tuple[Criteria, Weights]:
+    criteria = Criteria(dsn=CriterionDSN(ignore_index=args.ignore_label), cwd_ignore_mask=args.cwd_ignore_mask,
+                        ignore_label=args.ignore_label)
+    weights = Weights()
+    if args.cwd:
+        criteria.cwd = CriterionCWD(args.norm_type, args.divergence, args.temperature)
+        weights.cwd = args.lambda_cwd
+    if args.kd:
+        criteria.kd = CriterionKD()
+        weights.kd = args.lambda_kd
+    if args.adv:
+        weights.adv, weights.d, weights.gp = args.lambda_adv, args.lambda_d, args.lambda_gp
+    return criteria, weights
+
+
+def build_optimizers(args: argparse.Namespace, models: Models) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer | None]:
+    # One parameter group: the connector's learning rate follows the schedule too (the original never
+    # decayed it because it only updated param_groups[0]). Weight decay applies to every parameter, as there.
+    opt_g = torch.optim.SGD(models.trainable_g(), lr=args.lr_g, momentum=args.momentum, weight_decay=args.weight_decay)
+    opt_d = None
+    if models.discriminator is not None:
+        opt_d = torch.optim.Adam(models.discriminator.parameters(), lr=args.lr_d, betas=(0.9, 0.99))
+    return opt_g, opt_d
+
+
+
+
+def build_engine(args: argparse.Namespace, info: DistInfo) -> Engine:
+    device = info.device
+    args.amp = resolve_amp(args.amp, device)
+    if args.channels_last is None:
+        args.channels_last = device.type == "cuda"
+    if args.deterministic is None:
+        args.deterministic = device.type == "cpu"
+    dtype = AMP_DTYPES[args.amp]
+
+    def autocast():
+        return autocast_context(device, dtype)
+
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    return Engine(device, autocast, scaler, args.channels_last, info, args.grad_accum, args.cwd_feat)
+
+

@@ -1,0 +1,121 @@
+"""The training step: one optimiser step of the student (and connector), then the discriminator's."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from cwdseg.distill import CriterionCWD, discriminator_wgan_gp_loss, generator_adversarial_loss
+from cwdseg.engine.build import Criteria, Engine, Models, Weights
+from cwdseg.engine.distributed import average_buffers, average_gradients
+from cwdseg.models.discriminator import MIN_INPUT_SIZE
+
+
+def poly_lr(base_lr: float, step: int, num_steps: int, power: float) -> float:
+    """The original schedule: ``base * (1 - step / num_steps) ** power``, starting at step 0."""
+    return base_lr * (1.0 - step / num_steps) ** power
+
+
+def set_lr(opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer | None, args, step: int) -> float:
+    """Both optimisers' learning rates for ``step`` (poly schedule); returns the student's."""
+    lr_g = poly_lr(args.lr_g, step, args.num_steps, args.power)
+    for group in opt_g.param_groups:
+        group["lr"] = lr_g
+    if opt_d is not None:
+        for group in opt_d.param_groups:
+            group["lr"] = poly_lr(args.lr_d, step, args.num_steps, args.power)
+    return lr_g
+
+
+def discriminator_input(logits: torch.Tensor) -> torch.Tensor:
+    """The logits D scores, in fp32. The recipe's 512 crop gives 65x65 maps, D's design size; maps
+    from crops under ~505 px are too small for its four stride-2 convs, so they are resized (bilinear)
+    to 65x65 — a departure that only affects such small-crop runs (tests, the demo)."""
+    logits = logits.float()
+    if min(logits.shape[-2:]) < MIN_INPUT_SIZE:
+        logits = F.interpolate(logits, size=(65, 65), mode="bilinear", align_corners=True)
+    return logits
+
+
+def train_step(
+    micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
+    models: Models,
+    criteria: Criteria,
+    weights: Weights,
+    opt_g: torch.optim.Optimizer,
+    opt_d: torch.optim.Optimizer | None,
+    engine: Engine,
+) -> dict[str, torch.Tensor]:
+    """One optimiser step: teacher forward, student forward, loss terms, backward, step; then the
+    discriminator step when adversarial. Returns the weighted loss terms (tensors; no host sync here).
+
+    ``micro_batches`` holds ``grad_accum`` (images, labels) pairs already on the device.
+    """
+    models.student.train()
+    if models.connector is not None:
+        models.connector.train()
+    opt_g.zero_grad(set_to_none=True)
+    terms_sum: dict[str, torch.Tensor] = {}
+    logits_pairs = []  # (student, teacher) logits, detached, for the discriminator step
+    n_micro = len(micro_batches)
+
+    for i, (images, labels) in enumerate(micro_batches):
+        last = i == n_micro - 1
+        sync = contextlib.nullcontext() if last or not hasattr(models.student, "no_sync") else models.student.no_sync()
+        with sync:
+            preds_t = None
+            if models.teacher is not None:
+                with torch.inference_mode(), engine.autocast():
+                    out_t = models.teacher(images, aux=False)  # no loss uses the teacher's aux head
+                # Inference tensors cannot be saved for backward: copy the two maps the losses use.
+                preds_t = (out_t[0].clone(), out_t[2].clone() if engine.cwd_feat else None)
+            with engine.autocast():
+                preds_s = models.student(images)
+                terms = {"ce": criteria.dsn(preds_s, labels)}
+                if criteria.cwd is not None:
+                    target_t = preds_t[1] if engine.cwd_feat else preds_t[0]
+                    source_s = models.connector(preds_s[2]) if engine.cwd_feat else preds_s[0]
+                    mask = None
+                    if criteria.cwd_ignore_mask:
+                        mask = CriterionCWD.mask_from_labels(labels, target_t.shape[-2:], criteria.ignore_label)
+                    terms["cwd"] = weights.cwd * criteria.cwd(source_s, target_t, ignore_mask=mask)
+                if criteria.kd is not None:
+                    terms["kd"] = weights.kd * criteria.kd(preds_s[0], preds_t[0])
+                if models.discriminator is not None:
+                    # D runs in fp32 (its gradient penalty needs a double backward).
+                    with torch.autocast(engine.device.type, enabled=False):
+                        d_out = models.discriminator(discriminator_input(preds_s[0]))
+                    terms["adv_g"] = weights.adv * generator_adversarial_loss(d_out)
+                    logits_pairs.append((preds_s[0].detach(), preds_t[0]))
+            total = sum(terms.values())
+            engine.scaler.scale(total / n_micro).backward()
+        for k, v in terms.items():
+            terms_sum[k] = terms_sum.get(k, 0.0) + v.detach() / n_micro
+
+    world = engine.dist.world_size
+    if models.connector is not None:
+        average_gradients(models.connector.parameters(), world)
+    engine.scaler.step(opt_g)
+    engine.scaler.update()
+
+    if models.discriminator is not None:
+        # The generator's adversarial forward left gradients in D: clear them before D's own step.
+        opt_d.zero_grad(set_to_none=True)
+        models.discriminator.train()
+        for logits_s, logits_t in logits_pairs:
+            d_loss, d_terms = discriminator_wgan_gp_loss(
+                models.discriminator, discriminator_input(logits_s), discriminator_input(logits_t),
+                lambda_d=weights.d, lambda_gp=weights.gp,
+            )
+            (d_loss / n_micro).backward()
+            for k, v in d_terms.items():
+                terms_sum[k] = terms_sum.get(k, 0.0) + v.detach() / n_micro
+        average_gradients(models.discriminator.parameters(), world)
+        opt_d.step()
+        average_buffers(models.discriminator, world)
+
+    terms_sum["total"] = sum(v for k, v in terms_sum.items() if not k.startswith("d_"))
+    return terms_sum
+
+

@@ -1,0 +1,1 @@
+"""Evaluation: whole/sliding/flip/multi-scale inference, confusion-matrix metrics, the loop and its writers."""

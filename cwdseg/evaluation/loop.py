@@ -1,0 +1,207 @@
+"""The evaluation loop: load a checkpoint's network, build the full-resolution split, predict and score.
+
+``evaluate_model`` is the same loop for an already-built model (the training run's final evaluation).
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from cwdseg.checkpoint import infer_arch, load_state_dict_file, load_student, load_teacher
+from cwdseg.data import CityscapesDataset, build_loader
+from cwdseg.data.labels import CLASS_NAMES, NUM_CLASSES
+from cwdseg.engine.precision import amp_dtype
+from cwdseg.evaluation.inference import parse_overlap, predict_logits, tile_stride
+from cwdseg.evaluation.metrics import ConfusionMatrix, iou_from_confusion
+from cwdseg.evaluation.writers import COLOR_DIR, LABEL_ID_DIR, SUBMISSION_ZIP, TRAIN_ID_DIR, write_predictions, \
+    write_submission_zip
+from cwdseg.models import build_model
+
+SPLITS = ("val", "test")
+
+
+class EvaluationError(RuntimeError):
+    """A problem with the evaluation inputs (arguments, files, split), with what to do about it."""
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_model(path: str | Path, arch: str | None = None, num_classes: int = NUM_CLASSES) -> tuple[nn.Module, str]:
+    """Build the PSPNet a checkpoint file holds and load it (strict); returns ``(model, arch)``.
+
+    The architecture comes from the file's keys (``cwdseg.checkpoint.infer_arch``); a given ``arch``
+    that disagrees is an error naming both. Students (resnet18) load with ``load_student``, teachers
+    (resnet101) with ``load_teacher``, so every layout those accept works here.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise EvaluationError(f"--restore-from {path}: no such file; download the released checkpoints listed "
+                              f"in README.md into ckpt/ or point the flag at your own file")
+    found = infer_arch(load_state_dict_file(path))
+    if arch is not None and arch != found:
+        raise EvaluationError(f"{path} holds a {found} network, not {arch}; drop --arch (it is inferred from "
+                              f"the file) or pass --arch {found}")
+    model = build_model(found, num_classes=num_classes)
+    (load_student if found == "resnet18" else load_teacher)(model, path)
+    return model, found
+
+
+def build_eval_dataset(data_dir: str | Path, split: str = "val", data_list: str | None = None,
+                       max_images: int | None = None, ignore_label: int = 255) -> Dataset:
+    """The full-resolution (no crop) Cityscapes split, optionally only its first ``max_images`` images.
+
+    Returns a ``CityscapesDataset`` (or a ``Subset`` of one) with a ``samples`` attribute listing the
+    images it yields, in order.
+    """
+    if split not in SPLITS:
+        raise EvaluationError(f"split must be one of {SPLITS}, got {split!r}")
+    dataset = CityscapesDataset(str(data_dir), split=split, list_path=data_list, crop_size=None,
+                                ignore_label=ignore_label)
+    if len(dataset) == 0:
+        raise EvaluationError(f"the {split} split of {data_dir} has no images"
+                              + (f" (list {data_list})" if data_list else "") + "; check --data-dir / --data-list")
+    if max_images is not None:
+        if max_images < 1:
+            raise EvaluationError(f"--max-images must be at least 1, got {max_images}")
+        if max_images < len(dataset):
+            subset = torch.utils.data.Subset(dataset, range(max_images))
+            subset.samples = dataset.samples[:max_images]  # type: ignore[attr-defined]
+            return subset
+    return dataset
+
+
+def build_eval_loader(dataset: Dataset, batch_size: int = 1, num_workers: int = 2) -> DataLoader:
+    """An in-order loader over ``dataset`` with worker processes (``cwdseg.data.cityscapes.build_loader``)."""
+    return build_loader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, drop_last=False)
+
+
+def _as_amp_dtype(amp: str | torch.dtype | None, device: torch.device) -> torch.dtype | None:
+    try:
+        return amp_dtype(amp, device)
+    except ValueError as exc:
+        raise EvaluationError(str(exc)) from None
+
+def evaluate_model(
+    model: nn.Module,
+    loader: DataLoader,
+    num_classes: int = NUM_CLASSES,
+    mode: str = "whole",
+    tile: Sequence[int] = (512, 512),
+    overlap: float | str = 1 / 3,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    device: str | torch.device | None = None,
+    amp: str | torch.dtype | None = "none",
+    save_dir: str | Path | None = None,
+    split: str = "val",
+    progress: bool = True,
+    tile_batch: int = 6,
+) -> dict[str, Any]:
+    """Predict every batch ``(image, label, name)`` of ``loader`` and score it; returns the results dict.
+
+    The model is put in eval mode for the loop (its previous mode is restored). Predictions are the
+    argmax of :func:`cwdseg.evaluation.inference.predict_logits`, computed on ``device`` (default: the
+    model's); the confusion matrix accumulates there too. On ``split="test"`` the labels are Cityscapes'
+    dummies, so no metrics are computed (``miou`` etc. are None). With ``save_dir`` the prediction PNGs
+    are written (see :func:`cwdseg.evaluation.writers.write_predictions`) and, for test,
+    ``submission.zip``; ``results.json`` is left to the caller. Scores are fractions in [0, 1].
+    """
+    if split not in SPLITS:
+        raise EvaluationError(f"split must be one of {SPLITS}, got {split!r}")
+    if mode not in ("whole", "sliding"):
+        raise EvaluationError(f"mode must be 'whole' or 'sliding', got {mode!r}")
+    device = torch.device(device if device is not None else next(model.parameters()).device)
+    protocol = dict(mode=mode, tile=tuple(tile), overlap=parse_overlap(overlap), scales=tuple(scales), flip=flip,
+                    num_classes=num_classes, tile_batch=tile_batch, amp_dtype=_as_amp_dtype(amp, device))
+    save_path = Path(save_dir).resolve() if save_dir is not None else None
+    conf, label_pngs, num_images, seconds = _predict_split(model.to(device), loader, protocol, device, save_path,
+                                                           split, progress)
+    return _report(conf, label_pngs, num_images, seconds, protocol, save_path, split, device, loader.batch_size)
+
+
+def _predict_split(model: nn.Module, loader: DataLoader, protocol: dict, device: torch.device,
+                   save_path: Path | None, split: str, progress: bool):
+    """The loop: predict, accumulate the confusion matrix, write PNGs. Returns what the report needs."""
+    conf = ConfusionMatrix(protocol["num_classes"])
+    label_pngs: list[Path] = []
+    num_images = 0
+    was_training = model.training
+    model.eval()
+    bar = tqdm(total=len(loader.dataset), unit="img", disable=not progress, desc=f"eval {split}",
+               dynamic_ncols=True)
+    start = time.perf_counter()
+    try:
+        for batch in loader:
+            image, label, names = batch[0], batch[1], batch[2]
+            image = image.to(device, non_blocking=True)
+            pred = predict_logits(model, image, **protocol).argmax(dim=1)  # only the [N,H,W] ids leave the device
+            if split != "test":
+                if tuple(label.shape) != tuple(pred.shape):
+                    raise EvaluationError(f"label of {names[0]} is {tuple(label.shape)[1:]} but the image gives "
+                                          f"{tuple(pred.shape)[1:]}; labels must be at full image resolution")
+                conf.update(pred, label.to(device, non_blocking=True))
+            if save_path is not None:
+                label_pngs += write_predictions(pred, names, save_path, split, images=batch[0], labels=label)
+            num_images += image.shape[0]
+            bar.update(image.shape[0])
+            bar.set_postfix(img_per_s=f"{num_images / (time.perf_counter() - start):.2f}")
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    finally:
+        bar.close()
+        model.train(was_training)
+    if num_images == 0:
+        raise EvaluationError("the loader yielded no images; the split is empty")
+    return conf, label_pngs, num_images, time.perf_counter() - start
+
+
+def _report(conf: ConfusionMatrix, label_pngs: list[Path], num_images: int, seconds: float, protocol: dict,
+            save_path: Path | None, split: str, device: torch.device, batch_size: int | None) -> dict[str, Any]:
+    """The results dict: metrics (none on test), the protocol's settings, timing, and where outputs went."""
+    num_classes = protocol["num_classes"]
+    if split == "test":
+        metrics: dict[str, Any] = {k: None for k in ("miou", "pixel_accuracy", "mean_accuracy", "iou",
+                                                      "per_class_iou", "present", "confusion_matrix")}
+    else:
+        class_names = list(CLASS_NAMES) if num_classes == NUM_CLASSES else [str(i) for i in range(num_classes)]
+        metrics = iou_from_confusion(conf.value(), class_names)
+    outputs = None
+    if save_path is not None:
+        outputs = {"dir": str(save_path), "label_ids": str(save_path / LABEL_ID_DIR)}
+        if split == "test":
+            outputs["zip"] = str(write_submission_zip(label_pngs, save_path / SUBMISSION_ZIP))
+        else:
+            outputs.update(color=str(save_path / COLOR_DIR), train_ids=str(save_path / TRAIN_ID_DIR))
+    dtype = protocol["amp_dtype"]
+    tile, overlap = protocol["tile"], protocol["overlap"]
+    return {
+        "split": split,
+        "num_images": num_images,
+        **metrics,
+        "settings": {
+            "mode": protocol["mode"], "tile": list(tile), "overlap": overlap,
+            "stride": list(tile_stride(tile, overlap)), "tile_batch": protocol["tile_batch"],
+            "scales": list(protocol["scales"]), "flip": protocol["flip"],
+            "amp": "none" if dtype is None else {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype],
+            "num_classes": num_classes, "batch_size": batch_size,
+        },
+        "seconds": seconds,
+        "images_per_s": num_images / seconds,
+        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+        "torch_version": torch.__version__,
+        "outputs": outputs,
+    }

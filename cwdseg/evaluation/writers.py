@@ -1,0 +1,47 @@
+"""What an evaluation writes: colour / trainId / labelId PNGs, panels, and the test-server zip."""
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from cwdseg.data import IMG_MEAN_BGR
+from cwdseg.viz.segmaps import image_from_network_input, save_color_png, save_label_id_png, save_panel, save_train_id_png
+
+# Sub-folders of --save-dir; labelIds/ alone is what the official evaluator or the server should read.
+COLOR_DIR, TRAIN_ID_DIR, LABEL_ID_DIR, PANEL_DIR = "color", "trainIds", "labelIds", "panels"
+SUBMISSION_ZIP = "submission.zip"
+
+
+def write_predictions(pred: torch.Tensor, names: Sequence[str], save_dir: Path, split: str,
+                      images: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> list[Path]:
+    """Write one batch of trainId maps ``[N, H, W]``; returns the labelId PNG paths.
+
+    val: ``color/<name>_color.png``, ``trainIds/<name>_trainIds.png``, ``labelIds/<name>_leftImg8bit.png``
+    and, given the network inputs and labels, ``panels/<name>.jpg`` (image | ground truth | prediction |
+    errors, half size); test: ``labelIds/<name>_leftImg8bit.png`` only (the server's naming).
+    """
+    maps = pred.to(torch.uint8).cpu().numpy()
+    written = []
+    for i, (train_ids, name) in enumerate(zip(maps, names)):
+        if split != "test":
+            save_color_png(save_dir / COLOR_DIR / f"{name}_color.png", train_ids)
+            save_train_id_png(save_dir / TRAIN_ID_DIR / f"{name}_trainIds.png", train_ids)
+            if images is not None and labels is not None:
+                save_panel(save_dir / PANEL_DIR / f"{name}.jpg", image_from_network_input(images[i], IMG_MEAN_BGR),
+                           labels[i], train_ids)
+        written.append(save_label_id_png(save_dir / LABEL_ID_DIR / f"{name}_leftImg8bit.png", train_ids))
+    return written
+
+
+def write_submission_zip(label_id_pngs: Sequence[Path], zip_path: Path) -> Path:
+    """Zip the test labelId PNGs flat (file names only), ready for the Cityscapes benchmark server."""
+    tmp = zip_path.with_suffix(".zip.tmp")
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:  # PNGs are already compressed
+        for png in label_id_pngs:
+            zf.write(png, arcname=png.name)
+    os.replace(tmp, zip_path)
+    return zip_path

@@ -1,0 +1,1 @@
+"""Pictures: Cityscapes colour maps and panels (:mod:`.segmaps`), training curves (:mod:`.curves`)."""
