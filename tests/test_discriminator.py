@@ -20,10 +20,11 @@ def disc() -> Discriminator:
 
 
 def expected_keys() -> set[str]:
+    """The original ``*_D.pth`` layout (report §2: ``l1.0.module.bias``, ``l1.0.module.weight_u``,
+    ``l1.0.module.weight_v``, ``l1.0.module.weight_bar``, ``attn1.gamma``, ..., ``preprocess_additional.*``)."""
     keys = {f"preprocess_additional.{k}" for k in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")}
     for layer in SN_LAYERS:
-        keys |= {f"{layer}.0.bias", f"{layer}.0.parametrizations.weight.original",
-                 f"{layer}.0.parametrizations.weight.0._u", f"{layer}.0.parametrizations.weight.0._v"}
+        keys |= {f"{layer}.0.module.{k}" for k in ("bias", "weight_u", "weight_v", "weight_bar")}
     keys |= {"last.0.weight", "last.0.bias"}
     for attn in ("attn1", "attn2"):
         keys |= {f"{attn}.gamma"} | {f"{attn}.{c}_conv.{p}" for c in ("query", "key", "value") for p in ("weight", "bias")}
@@ -35,9 +36,9 @@ def test_state_dict_keys_and_shapes(disc: Discriminator) -> None:
     assert set(sd) == expected_keys()
     widths = [19, 64, 128, 256, 512]
     for i, layer in enumerate(SN_LAYERS):
-        assert sd[f"{layer}.0.parametrizations.weight.original"].shape == (widths[i + 1], widths[i], 4, 4)
-        assert sd[f"{layer}.0.parametrizations.weight.0._u"].shape == (widths[i + 1],)
-        assert sd[f"{layer}.0.parametrizations.weight.0._v"].shape == (widths[i] * 16,)
+        assert sd[f"{layer}.0.module.weight_bar"].shape == (widths[i + 1], widths[i], 4, 4)
+        assert sd[f"{layer}.0.module.weight_u"].shape == (widths[i + 1],)
+        assert sd[f"{layer}.0.module.weight_v"].shape == (widths[i] * 16,)
     assert sd["last.0.weight"].shape == (1, 512, 4, 4)
     assert sd["attn1.query_conv.weight"].shape == (32, 256, 1, 1)
     assert sd["attn2.value_conv.weight"].shape == (512, 512, 1, 1)
@@ -57,6 +58,14 @@ def test_scores_shape_and_fp32_under_autocast(disc: Discriminator) -> None:
         scores16 = disc(x.bfloat16())
     assert scores16.dtype == torch.float32
     torch.testing.assert_close(scores16, disc(x.bfloat16().float()))
+    # The raw output map: 1x1 at 65x65; 3x3 at 97x97 (a 769 crop), where the score is its mean.
+    assert disc.output_map(x).shape == (3, 1, 1, 1)
+    x97 = torch.randn(2, 19, 97, 97)
+    out_map = disc.output_map(x97)
+    assert out_map.shape == (2, 1, 3, 3) and out_map.dtype == torch.float32
+    for n in range(2):
+        expected = sum(out_map[n, 0, i, j] for i in range(3) for j in range(3)) / 9
+        torch.testing.assert_close(disc(x97)[n], expected)
 
 
 def test_rejects_bad_inputs(disc: Discriminator) -> None:
@@ -71,33 +80,29 @@ def test_rejects_bad_inputs(disc: Discriminator) -> None:
 def test_spectral_norm_power_iteration_train_vs_eval() -> None:
     torch.manual_seed(1)
     d = Discriminator()
-    convs = [getattr(d, layer)[0] for layer in SN_LAYERS]
-    # Eval mode: no power iteration, the normalised weight is fixed.
+    sns = [getattr(d, layer)[0] for layer in SN_LAYERS]
+    stored = lambda: [(c.module.weight_u.clone(), c.module.weight_v.clone()) for c in sns]  # noqa: E731
+    # Eval mode: no power iteration; the weight is W / (u^T W v) with the stored vectors.
     d.eval()
-    u0 = [c.parametrizations.weight[0]._u.clone() for c in convs]
-    w0 = [c.weight.detach().clone() for c in convs]
+    before = stored()
     d(torch.randn(1, 19, 65, 65))
-    for c, u, w in zip(convs, u0, w0):
-        assert torch.equal(c.parametrizations.weight[0]._u, u)
-        assert torch.equal(c.weight.detach(), w)
-    # Train mode: each evaluation of the weight runs one power iteration (as each forward does).
+    for (u0, v0), (u1, v1) in zip(before, stored()):
+        assert torch.equal(u0, u1) and torch.equal(v0, v1)
+    for c, (u, v) in zip(sns, before):
+        w = c.module.weight_bar.detach()
+        w_mat = w.flatten(1).double()
+        sigma = torch.dot(u.double(), w_mat @ v.double())  # u^T W v
+        torch.testing.assert_close(c.normalized_weight().detach().double(), w.double() / sigma, rtol=1e-5, atol=1e-7)
+    # Train mode: each forward runs one power iteration, which converges to the top singular pair.
     d.train()
     d(torch.randn(2, 19, 65, 65))
-    assert any(not torch.equal(c.parametrizations.weight[0]._u, u) for c, u in zip(convs, u0))
-    for _ in range(300):
-        for c in convs:
-            c.weight  # noqa: B018 -- one power iteration per access in train mode
-    for c in convs:
-        w = c.weight.detach()
-        sigma_max = torch.linalg.matrix_norm(w.flatten(1).double(), ord=2).item()
+    assert all(not torch.equal(u0, u1) for (u0, _), (u1, _) in zip(before, stored()))
+    for c in sns:
+        probe = torch.zeros(1, c.module.in_channels, 4, 4)
+        for _ in range(300):
+            c(probe)
+        sigma_max = torch.linalg.matrix_norm(c.normalized_weight().detach().flatten(1).double(), ord=2).item()
         assert sigma_max == pytest.approx(1.0, abs=2e-3)
-        # The normalisation is W / sigma with sigma = u^T W v from the stored vectors.
-        p = c.parametrizations.weight
-        w_orig = p.original.detach().flatten(1)
-        sigma = torch.dot(p[0]._u, w_orig @ p[0]._v)
-        d.eval()
-        torch.testing.assert_close(c.weight.detach().flatten(1), w_orig / sigma)
-        d.train()
 
 
 def test_self_attention_matches_loops() -> None:
@@ -144,24 +149,63 @@ def test_d_step_with_gradient_penalty(disc: Discriminator) -> None:
     assert s.grad is not None and torch.isfinite(s.grad).all()
 
 
-def test_convert_original_state_dict(disc: Discriminator) -> None:
-    ours = disc.state_dict()
-    original = {}
-    for key, value in ours.items():
-        for layer in SN_LAYERS:
-            pre = f"{layer}.0."
-            if key.startswith(pre):
-                rest = key[len(pre):]
-                key = pre + {"bias": "module.bias", "parametrizations.weight.original": "module.weight_bar",
-                             "parametrizations.weight.0._u": "module.weight_u",
-                             "parametrizations.weight.0._v": "module.weight_v"}[rest]
-        original[key] = value.clone()
+def _original_state_dict(seed: int) -> dict[str, torch.Tensor]:
+    """A random state_dict in the original ``*_D.pth`` layout, shapes from the architecture (report §2)."""
+    g = torch.Generator().manual_seed(seed)
+    widths = [19, 64, 128, 256, 512]
+    sd: dict[str, torch.Tensor] = {}
+    for i, layer in enumerate(SN_LAYERS):
+        cin, cout = widths[i], widths[i + 1]
+        sd[f"{layer}.0.module.bias"] = torch.randn(cout, generator=g)
+        sd[f"{layer}.0.module.weight_u"] = F.normalize(torch.randn(cout, generator=g), dim=0)
+        sd[f"{layer}.0.module.weight_v"] = F.normalize(torch.randn(cin * 16, generator=g), dim=0)
+        sd[f"{layer}.0.module.weight_bar"] = torch.randn(cout, cin, 4, 4, generator=g) * 0.05
+    sd["last.0.weight"], sd["last.0.bias"] = torch.randn(1, 512, 4, 4, generator=g), torch.randn(1, generator=g)
+    for attn, c in (("attn1", 256), ("attn2", 512)):
+        sd[f"{attn}.gamma"] = torch.randn(1, generator=g)
+        for conv, cout in (("query", c // 8), ("key", c // 8), ("value", c)):
+            sd[f"{attn}.{conv}_conv.weight"] = torch.randn(cout, c, 1, 1, generator=g)
+            sd[f"{attn}.{conv}_conv.bias"] = torch.randn(cout, generator=g)
+    sd["preprocess_additional.weight"], sd["preprocess_additional.bias"] = torch.rand(19, generator=g), torch.randn(19, generator=g)
+    sd["preprocess_additional.running_mean"] = torch.randn(19, generator=g)
+    sd["preprocess_additional.running_var"] = torch.rand(19, generator=g) + 0.5
+    sd["preprocess_additional.num_batches_tracked"] = torch.tensor(40000)
+    return sd
+
+
+def test_original_d_file_loads_strictly(tmp_path) -> None:
+    from cwdseg.checkpoint import load_state_dict_file
+
+    original = _original_state_dict(seed=4)
+    assert set(original) == expected_keys()
+    path = tmp_path / "city_39999_D.pth"
+    torch.save(original, path, _use_new_zipfile_serialization=False)  # the released files' serialization
+    d = Discriminator()
+    d.load_state_dict(load_state_dict_file(path), strict=True)
+    for key, value in d.state_dict().items():
+        assert torch.equal(value, original[key]), key
+    # The layouts are the same: conversion is the identity on an original file.
     converted = convert_original_state_dict(original)
-    assert set(converted) == set(ours)
-    fresh = Discriminator()
-    fresh.load_state_dict(converted, strict=True)
-    for key, value in ours.items():
-        assert torch.equal(fresh.state_dict()[key], value)
+    assert converted.keys() == original.keys() and all(converted[k] is original[k] for k in original)
+
+
+def test_convert_parametrization_layout() -> None:
+    """Files written before this project had its own spectral norm used PyTorch's parametrization keys."""
+    original = _original_state_dict(seed=5)
+    legacy_names = {"module.bias": "bias", "module.weight_bar": "parametrizations.weight.original",
+                    "module.weight_u": "parametrizations.weight.0._u", "module.weight_v": "parametrizations.weight.0._v"}
+    legacy = {}
+    for key, value in original.items():
+        layer, _, rest = key.partition(".0.")
+        legacy[f"{layer}.0.{legacy_names[rest]}" if layer in SN_LAYERS else key] = value
+    assert "l1.0.bias" in legacy and "last.0.bias" in legacy
+    converted = convert_original_state_dict(legacy)
+    assert set(converted) == set(original)
+    for key, value in original.items():
+        assert converted[key] is value, key
+    Discriminator().load_state_dict(converted, strict=True)
+    with pytest.raises(KeyError, match="l2.0.parametrizations.weight.0._w"):
+        convert_original_state_dict({**legacy, "l2.0.parametrizations.weight.0._w": torch.zeros(1)})
 
 
 def test_connector_keys_and_forward() -> None:
