@@ -82,7 +82,10 @@ def test_spectral_norm_power_iteration_train_vs_eval() -> None:
     torch.manual_seed(1)
     d = Discriminator()
     sns = [getattr(d, layer)[0] for layer in SN_LAYERS]
-    stored = lambda: [(c.module.weight_u.clone(), c.module.weight_v.clone()) for c in sns]  # noqa: E731
+
+    def stored() -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(c.module.weight_u.clone(), c.module.weight_v.clone()) for c in sns]
+
     # Eval mode: no power iteration; the weight is W / (u^T W v) with the stored vectors.
     d.eval()
     before = stored()
@@ -262,6 +265,23 @@ def _small_sn(seed: int) -> SpectralNorm:
 def _sn_weight_grad(g_sn: torch.Tensor, w: torch.Tensor, sigma: float, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """d/dW of <G, W / sigma(W)> with d sigma / dW = u v^T: G / sigma - <G, W> / sigma^2 * u v^T."""
     return g_sn / sigma - (g_sn * w).sum() / sigma**2 * torch.outer(u, v).view_as(w)
+
+
+def test_spectral_norm_initial_vectors_are_the_originals_draws() -> None:
+    """u then v from N(0, 1) on the default generator right after the conv's init, normalised, no
+    warm-up iterations (PyTorch's parametrization runs 15): a seeded build draws what the original's does."""
+    torch.manual_seed(15)
+    conv = torch.nn.Conv2d(3, 4, 3)
+    u = torch.empty(4).normal_(0, 1)
+    v = torch.empty(27).normal_(0, 1)
+    torch.manual_seed(15)
+    sn = SpectralNorm(torch.nn.Conv2d(3, 4, 3))
+    assert torch.equal(sn.module.weight_bar.detach(), conv.weight.detach())
+    torch.testing.assert_close(sn.module.weight_u, torch.tensor(_normalize_by_hand(u.tolist())))
+    torch.testing.assert_close(sn.module.weight_v, torch.tensor(_normalize_by_hand(v.tolist())))
+    assert [name for name, _ in sn.named_parameters()] == ["module.bias", "module.weight_bar"]
+    with pytest.raises(TypeError, match="nn.Conv2d"):
+        SpectralNorm(torch.nn.Linear(3, 4))
 
 
 def test_spectral_norm_forward_backward_by_hand() -> None:
