@@ -428,3 +428,23 @@ def test_recipes_set_defaults_and_typed_flags_win(monkeypatch):
     monkeypatch.setenv("DATA_DIR", "/x/voc")
     assert train.resolve_args(["--dataset", "pascal_voc"]).data_dir == "/x/voc"
     assert train.resolve_args([]).num_classes is None  # resolved from the dataset in main()
+
+
+def test_short_side_evaluation_resizes_images_and_scores_full_size_labels(roots, tmp_path):
+    from cwdseg.evaluation.loop import EvaluationError, build_eval_dataset, build_eval_loader, evaluate_model
+
+    dataset = build_eval_dataset(roots["ade20k"], "val", dataset="ade20k", short_side=64)
+    image, label, _ = dataset[0]
+    path = label_files(roots["ade20k"], "ade20k", "val")[0]
+    raw = np.array(Image.open(path))
+    np.testing.assert_array_equal(label.numpy(), map_by_loop(raw, ADE_TABLE))  # full resolution
+    h, w = raw.shape  # 128 x 176 -> short side 64: 64 x 88 (mmsegmentation's keep-ratio rule)
+    assert tuple(image.shape) == (3, 64, round(w * 64 / h))
+    bgr = cv2.resize(cv2.imread(str(dataset.samples[0].image)), (88, 64), interpolation=cv2.INTER_LINEAR)
+    mean = np.array([104.00698793, 116.66876762, 122.67891434])
+    np.testing.assert_array_equal(image.numpy(), (bgr.astype(np.float64) - mean).astype(np.float32).transpose(2, 0, 1))
+    results = evaluate_model(PatternModel(150), build_eval_loader(dataset, 1, 0), num_classes=150, device="cpu",
+                             progress=False)
+    assert results["settings"]["short_side"] == 64 and results["num_images"] == 2
+    with pytest.raises(EvaluationError, match="Cityscapes is evaluated at 1024x2048"):
+        build_eval_dataset(roots["ade20k"], "val", dataset="cityscapes", short_side=512)

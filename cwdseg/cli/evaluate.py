@@ -72,6 +72,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="sliding tile overlap, a fraction like 1/3 or a float; stride = ceil(tile*(1-overlap))")
     g.add_argument("--tile-batch", type=int, default=6, help="tiles per forward in sliding mode")
     g.add_argument("--scales", type=float, nargs="+", default=[1.0], help="image scales whose logits are averaged")
+    g.add_argument("--short-side", type=int, default=None,
+                   help="resize images to this short side first, labels kept at full size (mmsegmentation's "
+                        "ADE20K/VOC test protocol: 512); default: native size")
     g.add_argument("--flip", action="store_true", help="also average the logits of the mirrored image")
     g = p.add_argument_group("runtime")
     g.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N; default: cuda if available else cpu")
@@ -113,7 +116,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.backends.cudnn.benchmark = True  # every image has the same size
 
     model, arch = load_model(args.restore_from, args.arch, args.num_classes)
-    dataset = build_eval_dataset(args.data_dir, args.split, args.data_list, args.max_images, dataset=args.dataset)
+    dataset = build_eval_dataset(args.data_dir, args.split, args.data_list, args.max_images, dataset=args.dataset,
+                                 short_side=args.short_side)
     loader = build_eval_loader(dataset, args.batch_size, args.num_workers)
     print(f"evaluating {args.restore_from} ({arch}) on {len(dataset)} {args.split} images, {args.mode} mode, "
           f"scales {args.scales}, flip {args.flip}, amp {args.amp}, device {device}", flush=True)

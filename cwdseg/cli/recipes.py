@@ -14,8 +14,8 @@ A recipe only changes defaults: any flag typed on the command line still wins. S
 
 Departures, said here and in README.md: the random scale is the original's 0.7..2.1 (mmsegmentation and
 CIRKD draw 0.5..2.0), and neither mmsegmentation's ``cat_max_ratio`` crop nor its photometric distortion
-is applied. Evaluation is the whole image at native size (CIRKD's protocol; mmsegmentation resizes the
-short side to 512 first).
+is applied. The final evaluation of a run is the whole image at native size (CIRKD's protocol);
+``evaluate.py --short-side 512`` gives mmsegmentation's (short side resized to 512 first).
 """
 from __future__ import annotations
 

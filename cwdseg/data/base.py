@@ -132,6 +132,7 @@ class SegmentationDataset(Dataset):
         source: str = "",
         verbose: bool = True,
         normalization: Normalization = CAFFE_BGR,
+        eval_short_side: int | None = None,
     ) -> None:
         if crop_size is not None:
             if len(crop_size) != 2 or any(int(c) != c or c < 1 for c in crop_size):
@@ -141,6 +142,10 @@ class SegmentationDataset(Dataset):
             raise ValueError(f"ignore_label must fit in uint8, got {ignore_label}")
         if not samples:
             raise DatasetError(f"{info.name} {split}: no samples ({source})")
+        if eval_short_side is not None and (crop_size is not None or random_scale or random_mirror
+                                            or eval_short_side < 1):
+            raise ValueError("eval_short_side (a positive size) is for evaluation: no crop, scale or mirror")
+        self.eval_short_side = eval_short_side
         self.info = info
         self.samples = samples
         self.root = str(root)
@@ -177,6 +182,23 @@ class SegmentationDataset(Dataset):
             seed = int(torch.randint(0, 2**62, ()).item())
         rng = np.random.default_rng(seed) if needs_rng else None
         image, label, lut = self.load_raw(index)
+        if self.eval_short_side is not None:
+            return (*self._resized_for_eval(image, label, lut), self.samples[index].name)
         image, label = preprocess(image, label, rng, self.crop_size, self.random_scale, self.random_mirror,
                                   lut, self.ignore_label, self._mean_lut, self.normalization.rgb)
         return torch.from_numpy(image), torch.from_numpy(label), self.samples[index].name
+
+    def _resized_for_eval(self, image: np.ndarray, label: np.ndarray | None, lut: np.ndarray | None):
+        """The image resized as mmsegmentation's test ``Resize(scale=(2048, S), keep_ratio=True)``, the label
+        kept at full resolution (predictions are resized back to it before scoring)."""
+        height, width = image.shape[:2]
+        factor = min(4 * self.eval_short_side / max(height, width), self.eval_short_side / min(height, width))
+        size = (int(width * factor + 0.5), int(height * factor + 0.5))  # mmcv's rounding, (w, h)
+        resized = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
+        out, _ = preprocess(resized, None, None, None, False, False, None, self.ignore_label, self._mean_lut,
+                            self.normalization.rgb)
+        if label is None:
+            full = np.full((height, width), self.ignore_label, np.uint8)
+        else:
+            full = cv2.LUT(label, lut)
+        return torch.from_numpy(out), torch.from_numpy(full)

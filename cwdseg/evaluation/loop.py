@@ -62,17 +62,25 @@ def load_model(path: str | Path, arch: str | None = None, num_classes: int = NUM
 
 
 def build_eval_dataset(data_dir: str | Path, split: str = "val", data_list: str | None = None,
-                       max_images: int | None = None, ignore_label: int = 255, dataset: str = "cityscapes") -> Dataset:
+                       max_images: int | None = None, ignore_label: int = 255, dataset: str = "cityscapes",
+                       short_side: int | None = None) -> Dataset:
     """The full-resolution (no crop) split of ``dataset`` (a ``cwdseg.data.registry`` name), optionally
     only its first ``max_images`` images.
 
     Returns the dataset (``CityscapesDataset`` for cityscapes) or a ``Subset`` of it, with a ``samples``
-    attribute listing the images it yields, in order.
+    attribute listing the images it yields, in order. ``short_side``: resize each image so that its short
+    side is ``short_side`` (mmsegmentation's ADE20K/VOC test resize; not for cityscapes); labels stay at
+    full resolution and the loop resizes the logits back to them.
     """
     if split not in SPLITS:
         raise EvaluationError(f"split must be one of {SPLITS}, got {split!r}")
     name = dataset
-    dataset = build_dataset(name, str(data_dir), split, data_list, crop_size=None, ignore_label=ignore_label)
+    extra = {}
+    if short_side is not None:
+        if name == "cityscapes":
+            raise EvaluationError("--short-side is for the other datasets; Cityscapes is evaluated at 1024x2048")
+        extra["eval_short_side"] = short_side
+    dataset = build_dataset(name, str(data_dir), split, data_list, crop_size=None, ignore_label=ignore_label, **extra)
     if len(dataset) == 0:
         raise EvaluationError(f"the {split} split of {data_dir} has no images"
                               + (f" (list {data_list})" if data_list else "") + "; check --data-dir / --data-list")
@@ -84,6 +92,7 @@ def build_eval_dataset(data_dir: str | Path, split: str = "val", data_list: str 
             subset.samples = dataset.samples[:max_images]  # type: ignore[attr-defined]
             if hasattr(dataset, "info"):
                 subset.info = dataset.info  # type: ignore[attr-defined]
+                subset.eval_short_side = dataset.eval_short_side  # type: ignore[attr-defined]
             return subset
     return dataset
 
@@ -140,17 +149,19 @@ def evaluate_model(
     protocol = dict(mode=mode, tile=tuple(tile), overlap=parse_overlap(overlap), scales=tuple(scales), flip=flip,
                     num_classes=num_classes, tile_batch=tile_batch, amp_dtype=_as_amp_dtype(amp, device))
     save_path = Path(save_dir).resolve() if save_dir is not None else None
+    short_side = getattr(loader.dataset, "eval_short_side", None)
     conf, label_pngs, num_images, seconds = _predict_split(model.to(device), loader, protocol, device, save_path,
-                                                           split, progress, info)
+                                                           split, progress, info, short_side is not None)
     results = _report(conf, label_pngs, num_images, seconds, protocol, save_path, split, device, loader.batch_size,
                       None if info is None else list(info.class_names))
     if info is not None:
         results["dataset"] = info.name
+    results["settings"]["short_side"] = short_side
     return results
 
 
 def _predict_split(model: nn.Module, loader: DataLoader, protocol: dict, device: torch.device,
-                   save_path: Path | None, split: str, progress: bool, info=None):
+                   save_path: Path | None, split: str, progress: bool, info=None, to_label_size: bool = False):
     """The loop: predict, accumulate the confusion matrix, write PNGs. Returns what the report needs."""
     conf = ConfusionMatrix(protocol["num_classes"])
     label_pngs: list[Path] = []
@@ -164,7 +175,11 @@ def _predict_split(model: nn.Module, loader: DataLoader, protocol: dict, device:
         for batch in loader:
             image, label, names = batch[0], batch[1], batch[2]
             image = image.to(device, non_blocking=True)
-            pred = predict_logits(model, image, **protocol).argmax(dim=1)  # only the [N,H,W] ids leave the device
+            logits = predict_logits(model, image, **protocol)
+            if to_label_size:  # resized inputs: scored at the labels' full resolution (mmsegmentation's order)
+                logits = torch.nn.functional.interpolate(logits, size=tuple(label.shape[-2:]), mode="bilinear",
+                                                         align_corners=False)
+            pred = logits.argmax(dim=1)  # only the [N,H,W] ids leave the device
             if split != "test":
                 if tuple(label.shape) != tuple(pred.shape):
                     raise EvaluationError(f"label of {names[0]} is {tuple(label.shape)[1:]} but the image gives "
