@@ -156,7 +156,8 @@ def evaluate_model(
                       None if info is None else list(info.class_names))
     if info is not None:
         results["dataset"] = info.name
-    results["settings"]["short_side"] = short_side
+    if short_side is not None:
+        results["settings"]["short_side"] = short_side
     return results
 
 
