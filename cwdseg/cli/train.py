@@ -194,7 +194,8 @@ def format_number(x: float) -> str:
 def default_run_name(args: argparse.Namespace) -> str:
     """Same shape as exp_cwd.sh's ``${KD}_${ADV}_${FEAT}_${NORM}_${DIVERGENCE}_${WEIGHT}_${TEMPERATURE}_${VERSION}``."""
     if args.demo:
-        return "demo" if args.cwd or args.kd or args.adv else "demo_baseline"
+        name = "demo" if args.cwd or args.kd or args.adv else "demo_baseline"
+        return name if args.dataset == "cityscapes" else f"{name}_{args.dataset}"  # one run folder per layout
     if not (args.cwd or args.kd or args.adv):
         return "baseline"
     version = "train"

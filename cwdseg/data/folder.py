@@ -12,6 +12,8 @@ Instead of ``splits/``, the images and labels of a split may sit in sub-folders:
 ``labels/<split>/``. The class count is the number of entries in ``classes.json``; class ``k`` is the
 ``k``-th entry and is stored in label files as its ``value``; the ``ignore`` values are left out of the
 loss and the metric. Any other value in a label file is an error naming the file and the classes file.
+``value`` defaults to the entry's position and ``color`` (RGB, for prediction pictures) to a fixed
+pseudo-random colour per position.
 """
 from __future__ import annotations
 

@@ -2,7 +2,9 @@
 
 The palette is ``dataset.labels.TRAIN_ID_COLORS`` (the colours of ``cityscapesscripts.helpers.labels``),
 not the VOC bit-pattern palette the original wrote. PNGs are written with OpenCV, which expects BGR,
-so colour images are converted from RGB before writing.
+so colour images are converted from RGB before writing. The other datasets pass their own palette
+(``DatasetInfo.colors``: VOC colour map, ADE20K benchmark colours, SegNet's CamVid colours, a folder
+dataset's ``classes.json``) through the ``colors`` / ``lut`` arguments.
 """
 from __future__ import annotations
 
