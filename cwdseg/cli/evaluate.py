@@ -48,7 +48,7 @@ def _overlap_arg(value: str) -> float:
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """The command line of evaluate.py (reusable by other scripts through ``parents=``)."""
-    p = argparse.ArgumentParser(description="Evaluate a PSPNet checkpoint on Cityscapes", add_help=add_help,
+    p = argparse.ArgumentParser(description="Evaluate a PSPNet checkpoint on a dataset (Cityscapes by default)", add_help=add_help,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default=os.environ.get("DATASET", "cityscapes"), choices=sorted(DATASETS),
