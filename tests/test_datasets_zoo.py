@@ -448,3 +448,27 @@ def test_short_side_evaluation_resizes_images_and_scores_full_size_labels(roots,
     assert results["settings"]["short_side"] == 64 and results["num_images"] == 2
     with pytest.raises(EvaluationError, match="Cityscapes is evaluated at 1024x2048"):
         build_eval_dataset(roots["ade20k"], "val", dataset="cityscapes", short_side=512)
+
+
+def test_voc_greyscale_labels_read_as_the_palette_ones(copy_of):
+    root = copy_of("pascal_voc")
+    path = label_files(root, "pascal_voc", "val")[0]
+    values = np.array(Image.open(path))
+    Image.fromarray(values).save(path)  # the greyscale SegmentationClassAug of most releases
+    with Image.open(path) as img:
+        assert img.mode == "L"
+    label = build_dataset("pascal_voc", root, "val", crop_size=None, verbose=False)[0][1].numpy()
+    np.testing.assert_array_equal(label, map_by_loop(values, VOC_TABLE))
+
+
+def test_folder_splits_as_subfolders(copy_of):
+    root = copy_of("folder")
+    for split in ("train", "val"):
+        for stem in (root / "splits" / f"{split}.txt").read_text().split():
+            for kind, ext in (("images", ".jpg"), ("labels", ".png")):
+                (root / kind / split).mkdir(exist_ok=True)
+                shutil.move(str(root / kind / f"{stem}{ext}"), root / kind / split / f"{stem}{ext}")
+    shutil.rmtree(root / "splits")
+    ds = build_dataset("folder", root, "val", crop_size=None, verbose=False)
+    assert [s.name for s in ds.samples] == ["val_0000", "val_0001"]
+    assert set(np.unique(ds[0][1].numpy())) <= {0, 1, 2, 3, 4, 255}
