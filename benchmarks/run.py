@@ -1,4 +1,4 @@
-"""All benchmarks in one run: data loader, loss cost, training step (each speed switch), evaluation.
+"""All benchmarks in one run: data loader, synchronised ABN, loss cost, training step (each speed switch), evaluation.
 
     python benchmarks/run.py            # this machine, a few minutes on 2 CPU cores
     python benchmarks/run.py --quick    # a smoke test of the code: its numbers are not results
@@ -43,14 +43,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="smoke test: fewer steps and images, numbers are not results")
     p.add_argument("--loader", default="none", choices=["none", "png", "cache"],
                    help="training-step rows fed by the real loader (PNG or image cache), with its wait time")
-    p.add_argument("--only", nargs="*", default=None, choices=["loader", "losses", "train", "eval"])
+    p.add_argument("--only", nargs="*", default=None, choices=["loader", "abn", "losses", "train", "eval"])
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "latest.json"))
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
     a = get_args_parser().parse_args(argv)
-    todo = a.only or ["loader", "losses", "train", "eval"]
+    todo = a.only or ["loader", "abn", "losses", "train", "eval"]
     results: dict = {"machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M:%S"), "quick": a.quick}
     if a.quick:
         print(stats.QUICK_BANNER, flush=True)
@@ -61,6 +61,13 @@ def main(argv: list[str] | None = None) -> None:
         rows = bench_loader.run(samples=4 if a.quick else 24, quick=a.quick)
         results["loader"] = rows
         print(bench_loader.format_table(rows), flush=True)
+    if "abn" in todo:
+        import bench_abn
+
+        shape = (2, 32, 17, 17) if a.quick else ((8, 512, 65, 65) if a.device.startswith("cuda") else (2, 256, 65, 65))
+        rows = bench_abn.run(a.device, shape, rounds=3 if a.quick else 7, number=1 if a.quick else 3)
+        results["abn"] = rows
+        print("\n" + bench_abn.format_table(rows), flush=True)
     if "losses" in todo:
         import bench_losses
 
