@@ -95,10 +95,13 @@ def run(device: str = "cpu", shape: tuple[int, int, int, int] = (2, 256, 65, 65)
                                          num_threads=torch.get_num_threads()) for impl in impls}
             per_call = {impl: [] for impl in impls}
 
-            def measure(impl: str) -> None:
-                per_call[impl].append(timers[impl].timeit(number).mean)
+            def measure(impl: str, r: int) -> None:
+                seconds = timers[impl].timeit(number).mean
+                if r >= 0:  # warm-up rounds are negative
+                    per_call[impl].append(seconds)
 
-            stats.interleaved({impl: (lambda impl=impl: measure(impl)) for impl in impls}, rounds, warmup=1)
+            stats.interleaved({impl: (lambda r, impl=impl: measure(impl, r)) for impl in impls}, rounds, warmup=1,
+                              with_round=True)
             ref_summary = stats.summarize(per_call[ref]).scaled(1e3)
             for impl in impls:
                 s = stats.summarize(per_call[impl]).scaled(1e3)

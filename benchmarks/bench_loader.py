@@ -24,7 +24,6 @@ temporary folder.
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
 import platform
 import tempfile

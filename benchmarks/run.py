@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -24,11 +25,19 @@ ROOT = Path(__file__).resolve().parents[1]
 # The bench_* modules are imported as siblings: a script's own folder is the first entry of its import path.
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def machine() -> dict:
     import torch
 
-    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads()}
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu": _cpu_model(),
+            "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "load_average": os.getloadavg()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info

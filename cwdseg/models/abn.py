@@ -172,8 +172,13 @@ def _per_channel(t: torch.Tensor) -> torch.Tensor:
     return t[None, :, None, None]
 
 
+def _acc(t: torch.Tensor) -> torch.Tensor:
+    """The accumulation type of the native kernels: float64 for float64, else float32."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def _plain_stats(x, eps):
-    var, mean = torch.var_mean(x.float(), dim=(0, 2, 3), unbiased=False)
+    var, mean = torch.var_mean(_acc(x), dim=(0, 2, 3), unbiased=False)
     return mean, torch.rsqrt(var + eps)
 
 
@@ -192,22 +197,22 @@ def _plain_gather_stats_with_counts(x, mean_all, invstd_all, running_mean, runni
 
 
 def _plain_elemt(x, weight, bias, mean, invstd, eps):
-    scale = weight.float() * invstd
-    return (x.float() * _per_channel(scale) + _per_channel(bias.float() - mean * scale)).to(x.dtype)
+    scale = weight.to(invstd.dtype) * invstd
+    return (_acc(x) * _per_channel(scale) + _per_channel(bias.to(mean.dtype) - mean * scale)).to(x.dtype)
 
 
 def _plain_backward_reduce(dy, x, mean, invstd, weight, input_g, weight_g, bias_g):
-    dy32 = dy.float()
-    sum_dy = dy32.sum(dim=(0, 2, 3))
-    sum_dy_xmu = (dy32 * (x.float() - _per_channel(mean))).sum(dim=(0, 2, 3))
+    dy_acc = _acc(dy)
+    sum_dy = dy_acc.sum(dim=(0, 2, 3))
+    sum_dy_xmu = (dy_acc * (_acc(x) - _per_channel(mean))).sum(dim=(0, 2, 3))
     return sum_dy, sum_dy_xmu, (sum_dy_xmu * invstd).to(weight.dtype), sum_dy.to(weight.dtype)
 
 
 def _plain_backward_elemt(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count):
     n = count.sum().to(mean.dtype)
     proj = _per_channel(sum_dy_xmu / n * invstd * invstd)
-    grad = (dy.float() - _per_channel(sum_dy / n) - (x.float() - _per_channel(mean)) * proj)
-    return (grad * _per_channel(invstd * weight.float())).to(dy.dtype)
+    grad = (_acc(dy) - _per_channel(sum_dy / n) - (_acc(x) - _per_channel(mean)) * proj)
+    return (grad * _per_channel(invstd * weight.to(invstd.dtype))).to(dy.dtype)
 
 
 _PLAIN_KERNELS = _Kernels(_plain_stats, _plain_gather_stats_with_counts, _plain_elemt, _plain_backward_reduce,
