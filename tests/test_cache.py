@@ -203,3 +203,60 @@ def test_cache_command(root, tmp_path, capsys):
         main(["cache", "--data-dir", str(tmp_path / "nowhere"), "--cache-dir", str(tmp_path / "c")])
     assert exc.value.code == 2 and "dataset root not found" in capsys.readouterr().err
     assert main(["--data-dir", str(root), "--split", "val"]) == 0  # the check command is unchanged
+
+
+@pytest.mark.slow
+def test_training_from_the_image_cache_gives_the_same_weights(root, tmp_path):
+    """train.py --image-cache DIR: 3 steps with scale + mirror and 1 loader worker end bitwise equal to the
+    PNG path (the cache is built on first use by the training process itself)."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from cwdseg.checkpoint import state_dict_digest
+
+    repo = Path(__file__).resolve().parents[1]
+    common = ["--data-dir", str(root), "--save-dir", str(tmp_path), "--input-size", "64,64", "--batch-size", "2",
+              "--num-workers", "1", "--teacher-ckpt", "random", "--teacher-arch", "resnet18", "--student-init",
+              "random", "--device", "cpu", "--num-steps", "3", "--random-scale", "--random-mirror", "--eval", "False",
+              "--cwd", "True"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    digests = {}
+    for name, extra in (("png", []), ("cached", ["--image-cache", str(tmp_path / "cache")])):
+        proc = subprocess.run([sys.executable, "train.py", *common, "--save-name", name, *extra], cwd=repo, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        digests[name] = state_dict_digest(torch.load(tmp_path / name / "city_2_G.pth", map_location="cpu",
+                                                     weights_only=True))
+    assert "memory-mapped from" in proc.stdout
+    assert digests["png"] == digests["cached"]
+    proc = subprocess.run([sys.executable, "train.py", *common, "--save-name", "both", "--cache-images",
+                           "--image-cache", str(tmp_path / "cache")], cwd=repo, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2 and "alternatives" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _open_in_child(folder, pairs, queue):
+    messages = []
+    cache = open_image_cache(folder, pairs, _load_pair, log=messages.append, progress=False)
+    queue.put((len(messages), [cache.entry(k)[0].sum() for k in range(len(cache))]))
+
+
+def test_processes_starting_together_build_once(root, tmp_path):
+    """The ranks of one machine open the same cache at once: the lock lets one build, the others wait and read."""
+    import multiprocessing
+
+    ds = CityscapesDataset(root, "train", crop_size=None, verbose=False)
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_open_in_child, args=(tmp_path / "c", _pairs(ds), queue)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert sorted(built for built, _ in results) == [0, 0, 1]
+    expected = [cv2.imread(s.image).sum() for s in ds.samples]
+    assert all(sums == expected for _, sums in results)
