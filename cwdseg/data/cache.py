@@ -239,7 +239,7 @@ def open_image_cache(
             if not problem:
                 return ImageCache(data_path, index)
             log(f"image cache {data_path}: {problem}; building it ({len(pairs)} samples)")
-            index = _build(data_path, index_path, pairs, load_pair, checksum, threads, progress)
+            index = _build(data_path, index_path, pairs, load_pair, checksum, threads, progress, log)
             # The sources must not have changed while they were read.
             if source_checksum(pairs) != checksum:
                 raise ImageCacheError(f"source files changed while the image cache {data_path} was built; "
@@ -250,7 +250,7 @@ def open_image_cache(
 
 
 def _build(data_path: Path, index_path: Path, pairs: Sequence[Pair], load_pair: LoadPair, checksum: str,
-           threads: int | None, progress: bool) -> dict:
+           threads: int | None, progress: bool, log: Callable[[str], None]) -> dict:
     threads = threads or min(8, os.cpu_count() or 1)
     start = time.perf_counter()
     tmp_data = data_path.with_name(f"{data_path.name}.tmp-{os.getpid()}")
@@ -296,8 +296,8 @@ def _build(data_path: Path, index_path: Path, pairs: Sequence[Pair], load_pair: 
     finally:
         tmp_data.unlink(missing_ok=True)
         tmp_index.unlink(missing_ok=True)
-    print(f"image cache {data_path}: {len(entries)} samples, {offset / 2**30:.2f} GiB, "
-          f"built in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    log(f"image cache {data_path}: {len(entries)} samples, {offset / 2**30:.2f} GiB, "
+        f"built in {time.perf_counter() - start:.0f} s")
     return index
 
 
