@@ -69,9 +69,15 @@ ERROR_COLOR_BGR = (0, 0, 255)  # red: a labelled pixel predicted wrong
 
 
 def image_from_network_input(image: np.ndarray | torch.Tensor, mean_bgr) -> np.ndarray:
-    """The ``[H, W, 3]`` uint8 BGR picture behind a network input ``[3, H, W]`` (BGR minus the mean)."""
+    """The ``[H, W, 3]`` uint8 BGR picture behind a network input ``[3, H, W]``.
+
+    ``mean_bgr`` is the BGR mean that was subtracted (the original's convention), or any object with a
+    ``to_bgr_uint8`` method (a :class:`cwdseg.data.transforms.Normalization`).
+    """
     if isinstance(image, torch.Tensor):
         image = image.detach().float().cpu().numpy()
+    if hasattr(mean_bgr, "to_bgr_uint8"):
+        return mean_bgr.to_bgr_uint8(image)
     bgr = image.transpose(1, 2, 0) + np.asarray(mean_bgr, dtype=np.float32)
     return np.clip(np.rint(bgr), 0, 255).astype(np.uint8)
 
