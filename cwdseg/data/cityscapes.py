@@ -420,14 +420,14 @@ class CityscapesDataset(Dataset):
         self._mean_lut = normalization.lut()
         self._luts = {train_ids: _label_lut(train_ids, ignore_label) for train_ids in (False, True)}
         self._cache: _DecodedCache | None = None
+        if cache_images and image_cache is not None:
+            raise DatasetError("cache_images (RAM) and image_cache (disk) are alternatives; pass one of them.")
         if cache_images:
             threads = cache_threads or min(8, os.cpu_count() or 1)
             self._cache = _DecodedCache(self.samples, ignore_label, threads)
             source += f"; {self._cache.nbytes / 2**30:.2f} GiB decoded in RAM"
         self._image_cache = None  # decoded pairs memory-mapped from disk (cwdseg.data.cache)
         if image_cache is not None:
-            if cache_images:
-                raise DatasetError("cache_images (RAM) and image_cache (disk) are alternatives; pass one of them.")
             from cwdseg.data.cache import open_image_cache  # lazy: the cache module imports this one
 
             self._image_cache = open_image_cache(image_cache, [(s.image, s.label) for s in self.samples],
