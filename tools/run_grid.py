@@ -19,7 +19,7 @@ import sys
 
 from cwdseg.distill.registry import PRESETS, TABLE2
 from cwdseg.engine.grid import GridError, make_executor, plan_grid, run_local, submit, write_manifest
-from cwdseg.evaluation.summary import SummaryError, find_runs, load_run, summarize, to_markdown, write_summary
+from cwdseg.evaluation.summary import SummaryError, load_run, summarize, to_markdown, write_summary
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -39,24 +39,30 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+def plan(argv: list[str]) -> tuple[argparse.Namespace, list]:
+    """The tool's arguments and the grid's jobs (a bad value is a parser error: one line, exit status 2)."""
     train_args = argv[argv.index("--") + 1:] if "--" in argv else []
     own = argv[:argv.index("--")] if "--" in argv else argv
     parser = get_parser()
     a = parser.parse_args(own)
     if a.list:
-        for name, preset in PRESETS.items():
-            published = f"{preset.published:.2f}" if preset.published is not None else "-"
-            print(f"{name:<14} {preset.method:<12} {preset.map:<12} paper {published:>6}  {' '.join(preset.terms) or '(none)'}")
-        return 0
+        return a, []
     methods = list(TABLE2) if a.table2 else a.methods
     if not methods:
         parser.error("give --methods or --table2")
     try:
-        jobs = plan_grid(methods, a.seeds, a.save_dir, train_args, a.students)
+        return a, plan_grid(methods, a.seeds, a.save_dir, train_args, a.students)
     except GridError as exc:
         parser.error(str(exc))
+
+
+def main(argv: list[str] | None = None) -> int:
+    a, jobs = plan(sys.argv[1:] if argv is None else list(argv))
+    if a.list:
+        for name, preset in PRESETS.items():
+            published = f"{preset.published:.2f}" if preset.published is not None else "-"
+            print(f"{name:<14} {preset.method:<12} {preset.map:<12} paper {published:>6}  {' '.join(preset.terms) or '(none)'}")
+        return 0
     write_manifest(jobs, a.save_dir)
     if a.dry_run:
         from cwdseg.engine.grid import job_status, train_command

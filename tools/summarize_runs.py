@@ -15,13 +15,17 @@ import sys
 from cwdseg.evaluation.summary import SummaryError, find_runs, load_run, summarize, to_markdown, write_summary
 
 
-def main(argv: list[str] | None = None) -> int:
+def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="run folders, or folders holding run folders")
     p.add_argument("--out-dir", default=None, help="where summary.{md,json,png} go (default: the first folder)")
     p.add_argument("--best", action="store_true", help="best-on-val checkpoints instead of the final iteration")
     p.add_argument("--stem", default="summary", help="file name stem of the outputs")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = get_parser().parse_args(argv)
     selection = "best" if a.best else "final"
     try:
         folders = find_runs(a.runs)

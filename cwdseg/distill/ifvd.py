@@ -41,13 +41,19 @@ class CriterionIFV(nn.Module):
         return f"num_classes={self.num_classes}, ignore_index={self.ignore_index}, resize={self.resize}"
 
     def centres(self, x: Tensor, labels: Tensor) -> Tensor:
-        """[N, C, H, W]: each position's class prototype (its own vector where ignored)."""
-        centre = x
-        for k in range(self.num_classes):
-            mask = (labels == k).unsqueeze(1).to(x.dtype)  # [N,1,H,W]
-            proto = (mask * x).sum(dim=(2, 3), keepdim=True) / (mask.sum(dim=(2, 3), keepdim=True) + 1e-6)
-            centre = (1 - mask) * centre + mask * proto
-        return centre
+        """[N, C, H, W]: each position's class prototype (its own vector where ignored).
+
+        One batched matmul with the one-hot labels instead of the original's loop over classes (same
+        values; the loop cost ~19 full passes over the map).
+        """
+        n, c, h, w = x.shape
+        flat, y = x.flatten(2), labels.flatten(1)                         # [N,C,HW], [N,HW]
+        valid = (y >= 0) & (y < self.num_classes)
+        idx = torch.where(valid, y, torch.zeros_like(y))
+        onehot = F.one_hot(idx, self.num_classes).to(x.dtype) * valid.unsqueeze(-1).to(x.dtype)  # [N,HW,K]
+        protos = torch.bmm(flat, onehot) / (onehot.sum(dim=1).unsqueeze(1) + 1e-6)              # [N,C,K]
+        centre = torch.gather(protos, 2, idx.unsqueeze(1).expand(n, c, -1))                      # [N,C,HW]
+        return torch.where(valid.unsqueeze(1), centre, flat).reshape(n, c, h, w)
 
     def forward(self, s: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
         if labels is None:
