@@ -26,7 +26,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from cwdseg.distill._common import _labels_at, _match_size
+from cwdseg.distill._common import _match_size
 from cwdseg.distill.at import CriterionAT
 from cwdseg.distill.cwd import DIVERGENCES, NORM_TYPES, CriterionCWD
 from cwdseg.distill.dist import CriterionDIST

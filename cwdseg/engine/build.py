@@ -137,7 +137,7 @@ def build_models(args: argparse.Namespace, info: DistInfo, log) -> Models:
             log(f"teacher ({args.teacher_arch}) loaded from {args.T_ckpt_path}")
         teacher.eval().requires_grad_(False)
 
-    connector = build_connectors(args, "resnet18")
+    connector = build_connectors(args, getattr(args, "student_arch", "resnet18"))
     discriminator = Discriminator(in_channels=args.num_classes) if "adv" in distill_spec(args) else None  # only when used (bug fix)
 
     mem = torch.channels_last if args.channels_last else torch.contiguous_format
