@@ -313,3 +313,32 @@ def test_presets_cover_table2_and_parse():
         spec = resolve_spec(flags(preset=name))
         assert len(spec) == len(preset.terms)
     assert set(METHODS) >= {"cwd", "kd", "at", "local", "pa", "ifvd", "adv", "fitnet", "dist"}
+
+
+# ------------------------------------------------------------------------------------------------
+# train.py's flags
+# ------------------------------------------------------------------------------------------------
+def test_train_flags_resolve_the_spec_and_name_the_run():
+    from cwdseg.cli.train import resolve_args
+
+    a = resolve_args(["--preset", "at_feat"])
+    assert a.save_name == "at_feat" and a.distill_terms == {"at_feat": {"weight": 10000.0, "on": "feature", "p": 2.0}}
+    a = resolve_args(["--distill", "at=100", "kd=1"])
+    assert a.save_name == "at100_kd1" and list(a.distill_terms) == ["at", "kd"]
+    a = resolve_args(["--cwd", "True", "--kd", "True"])  # the original flags: the original run name
+    assert a.save_name == "True_False_False_channel_kl_3_4_train" and list(a.distill_terms) == ["cwd", "kd"]
+    assert resolve_args([]).distill_terms == {}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--distill", "nope=1"], "unknown term 'nope'"),
+    (["--distill", "cwd=1", "--cwd", "True"], "--cwd True and --distill/--preset both set the term 'cwd'"),
+    (["--preset", "nope"], "invalid choice: 'nope'"),
+])
+def test_train_rejects_bad_specs_with_one_line(argv, message, capsys):
+    from cwdseg.cli.train import resolve_args
+
+    with pytest.raises(SystemExit) as exc:
+        resolve_args(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and message in err and "Traceback" not in err
