@@ -127,8 +127,28 @@ def test_submitit_debug_executor_runs_and_skips(data_dir, tmp_path):
     assert submitted[0].result() == jobs[0].run_dir
     assert json.loads((Path(jobs[0].run_dir) / "eval.json").read_text())["seed"] == 3
     assert submit(jobs, executor, log=lambda _: None) == []  # finished: skipped
-    delayed = TrainJob(jobs[0]).checkpoint()                 # preemption: the same job is requeued
-    assert delayed.function.job == jobs[0]
+
+
+@pytest.mark.slow
+def test_submitit_checkpoint_stops_train_py_with_a_saved_last_pth(data_dir, tmp_path):
+    """What submitit does before a time limit / preemption: checkpoint() -> SIGTERM -> last.pth -> requeue."""
+    import pickle
+
+    argv = [a if a != "3" else "1000" for a in tiny(data_dir)]  # --num-steps 1000: still running when stopped
+    job = plan_grid(["kd=1"], [0], tmp_path / "grid", argv)[0]
+    tj = TrainJob(job)
+    tj._proc = subprocess.Popen(train_command(job), cwd=ROOT, env=job_env() | {"OMP_NUM_THREADS": "1"},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = Path(job.run_dir) / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
+        time.sleep(0.05)
+    proc = tj._proc
+    delayed = tj.checkpoint()
+    assert proc.returncode == 0 and job_status(job) == "resume"
+    assert 1 <= torch.load(Path(job.run_dir) / "last.pth", weights_only=True)["step"] < 1000
+    assert delayed.function is tj and tj._proc is None
+    assert pickle.loads(pickle.dumps(delayed)).function.job == job  # requeued as the same grid job
 
 
 @pytest.mark.parametrize("methods, seeds, extra, message", [

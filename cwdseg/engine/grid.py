@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
@@ -160,22 +161,39 @@ except ImportError:  # submitit is needed only for the Slurm path
 
 
 class TrainJob(_Checkpointable):
-    """A submitit job that runs one grid job's train.py; on preemption or timeout submitit calls
-    ``checkpoint`` and requeues the same job, which resumes from the run's last.pth (train.py
-    saves it on SIGTERM)."""
+    """A submitit job that runs one grid job's train.py in a child process.
+
+    Before a Slurm time limit or preemption submitit calls :meth:`checkpoint` (``slurm_signal_delay_s``
+    ahead); it sends the child SIGTERM, on which train.py saves ``last.pth`` after the current step and
+    exits, and returns the same job for requeueing, which then resumes from that file.
+    """
+
+    grace_s = 90.0  # how long checkpoint() waits for train.py to save
 
     def __init__(self, job: GridJob, gpus: int = 1) -> None:
-        self.job, self.gpus = job, gpus
+        self.job, self.gpus, self._proc = job, gpus, None
 
     def __call__(self) -> str:
         if job_status(self.job) == "done":
             return self.job.run_dir
-        rc = subprocess.run(train_command(self.job, self.gpus), env=job_env()).returncode
+        self._proc = subprocess.Popen(train_command(self.job, self.gpus), env=job_env())
+        rc = self._proc.wait()
+        self._proc = None
         if rc != 0:
             raise RuntimeError(f"{self.job.name}: train.py exited with status {rc}; see {self.job.run_dir}")
         if job_status(self.job) != "done":
             raise RuntimeError(f"{self.job.name}: stopped before the end (last.pth saved); run the grid again to resume")
         return self.job.run_dir
+
+    def checkpoint(self, *args: Any, **kwargs: Any):
+        proc, self._proc = self._proc, None  # a process handle cannot be pickled into the requeued job
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=self.grace_s)
+            except subprocess.TimeoutExpired:
+                pass
+        return super().checkpoint(*args, **kwargs)
 
 
 def make_executor(folder: str | Path, cluster: str | None = None, timeout_min: int = 24 * 60, gpus: int = 1,
