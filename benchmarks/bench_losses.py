@@ -118,7 +118,7 @@ def _comparison_cases(s_logits, t_logits, s_feat, t_feat, labels, connector, sha
     regressor = nn.Conv2d(128, 512, 1, bias=False).to(s_feat.device)
     return [
         Case("AT logits", f"attention of {shape}", lambda: at(s_logits, t_logits).backward()),
-        Case("AT feature", f"attention of {fshape} (no connector)", lambda: at(s_feat, t_feat).backward()),
+        Case("AT feature", f"connector + attention of {fshape}", lambda: at(connector(s_feat), t_feat).backward()),
         Case("LOCAL logits", f"8-neighbour distances of {shape}", lambda: local(s_logits, t_logits).backward()),
         Case("LOCAL feature", f"8-neighbour distances of {fshape}", lambda: local(s_feat, t_feat).backward()),
         Case("PA logits", f"pool 0.5 (3x3 nodes), affinities of {shape}", lambda: pa(s_logits, t_logits).backward()),

@@ -342,3 +342,20 @@ def test_train_rejects_bad_specs_with_one_line(argv, message, capsys):
         resolve_args(argv)
     err = capsys.readouterr().err
     assert exc.value.code == 2 and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("teacher, expected", [
+    ("resnet101", {"at_feat": 512, "kd_feat": 512, "fitnet": 512, "cwd": 512}),   # 128 -> 512 channels
+    ("resnet18", {"fitnet": 128, "cwd": 128}),                                      # equal widths
+])
+def test_connectors_follow_each_terms_policy(teacher, expected):
+    from cwdseg.engine.build import build_connectors
+    from cwdseg.models.connector import FeatureConnector
+
+    spec = resolve_spec(flags(cwd=True, cwd_feat=True, distill=["at_feat=1", "kd_feat=1", "fitnet=1", "pa_feat=1",
+                                                                  "ifvd_feat=1", "local_feat=1", "at=1"]))
+    connectors = build_connectors(argparse.Namespace(distill_terms=spec, teacher_arch=teacher), "resnet18")
+    got = {name: (m.out_channels if isinstance(m, (torch.nn.Conv2d, FeatureConnector)) else None)
+           for name, m in connectors.items()}
+    assert got == expected
+    assert isinstance(connectors["fitnet"], torch.nn.Conv2d) and isinstance(connectors["cwd"], FeatureConnector)

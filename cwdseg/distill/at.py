@@ -21,7 +21,8 @@ class CriterionAT(nn.Module):
     maps, p = 2, used with lambda_at = 10000 there). The AT paper writes ``beta/2 * ||a_S - a_T||_p``
     per layer with beta = 1000 and no mean; the literature disagrees on the normalisation, and we
     follow CIRKD because it is the segmentation implementation the later tables were run with.
-    Channels need not agree (the attention is a channel mean): no connector. Teacher detached;
+    Channels need not agree (the attention is a channel mean); the registry still puts a connector
+    before it on features of different widths, because the CWD paper's Table 2 marks AT so. Teacher detached;
     float32 with autocast off.
 
     ``forward(s [N,Cs,H,W], t [N,Ct,H',W'], labels=None) -> scalar``; ``resize=True`` resizes the

@@ -107,7 +107,9 @@ METHODS: dict[str, Method] = {
         lambda o, k, ig: KDTerm(o["T"]), TAPS, {"T": 1.0}, connector={"feature": "if_channels_differ"}),
     "at": Method(
         "AT", "Zagoruyko & Komodakis, Paying more attention to attention, ICLR 2017", "winycg/CIRKD losses/at.py",
-        lambda o, k, ig: CriterionAT(o["p"]), TAPS, {"p": 2.0}),
+        # Table 2 marks AT on the feature with its channel-alignment sign (a connector), though the
+        # attention itself compares maps of any width (CIRKD applies it without one): we follow the paper.
+        lambda o, k, ig: CriterionAT(o["p"]), TAPS, {"p": 2.0}, connector={"feature": "if_channels_differ"}),
     "local": Method(
         "LOCAL", "Xie et al., Improving fast segmentation with teacher-student learning, BMVC 2018",
         "none published; the CWD paper's description",
