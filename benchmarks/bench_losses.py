@@ -40,6 +40,12 @@ from cwdseg.distill import (
     discriminator_wgan_gp_loss,
     generator_adversarial_loss,
 )
+from cwdseg.distill.at import CriterionAT
+from cwdseg.distill.dist import CriterionDIST
+from cwdseg.distill.fitnet import CriterionFitNet
+from cwdseg.distill.ifvd import CriterionIFV
+from cwdseg.distill.local import CriterionLocal
+from cwdseg.distill.pairwise import CriterionPairWise
 
 NUM_CLASSES = 19
 
@@ -96,6 +102,34 @@ def _loss_cases(device: torch.device, batch: int, crop: tuple[int, int]) -> list
              lambda: generator_adversarial_loss(disc(s_logits)).backward()),
         Case("GAN D step", "D(S), D(T), gradient penalty, backward (double backward)",
              lambda: discriminator_wgan_gp_loss(disc, s_logits, t_logits, 10.0, lambda_d=0.1)[0].backward()),
+    ] + _comparison_cases(s_logits, t_logits, s_feat, t_feat, labels, connector, shape)
+
+
+# The terms of the Table 2 comparison (tools/run_grid.py): not part of the "all losses" row.
+COMPARISON = {"AT logits", "AT feature", "LOCAL logits", "LOCAL feature", "PA logits", "PA feature",
+              "IFVD logits", "IFVD feature", "FitNet", "DIST", "PI feature"}
+
+
+def _comparison_cases(s_logits, t_logits, s_feat, t_feat, labels, connector, shape) -> list[Case]:
+    """Forward + backward of each comparison term at the recipe's shapes (presets' settings)."""
+    fshape = f"{s_feat.shape[0]}x128->512x{s_feat.shape[2]}x{s_feat.shape[3]}"
+    at, local, pa = CriterionAT(), CriterionLocal(), CriterionPairWise(0.5)
+    ifv, dist, fit, kd = CriterionIFV(NUM_CLASSES), CriterionDIST(), CriterionFitNet(), CriterionKD(1.0)
+    regressor = nn.Conv2d(128, 512, 1, bias=False).to(s_feat.device)
+    return [
+        Case("AT logits", f"attention of {shape}", lambda: at(s_logits, t_logits).backward()),
+        Case("AT feature", f"connector + attention of {fshape}", lambda: at(connector(s_feat), t_feat).backward()),
+        Case("LOCAL logits", f"8-neighbour distances of {shape}", lambda: local(s_logits, t_logits).backward()),
+        Case("LOCAL feature", f"8-neighbour distances of {fshape}", lambda: local(s_feat, t_feat).backward()),
+        Case("PA logits", f"pool 0.5 (3x3 nodes), affinities of {shape}", lambda: pa(s_logits, t_logits).backward()),
+        Case("PA feature", f"pool 0.5, affinities of {fshape}", lambda: pa(s_feat, t_feat).backward()),
+        Case("IFVD logits", f"19 class prototypes, cosines of {shape}",
+             lambda: ifv(s_logits, t_logits, labels).backward()),
+        Case("IFVD feature", f"19 class prototypes, cosines of {fshape}",
+             lambda: ifv(s_feat, t_feat, labels).backward()),
+        Case("FitNet", f"1x1 conv regressor + MSE, {fshape}", lambda: fit(regressor(s_feat), t_feat).backward()),
+        Case("DIST", f"inter/intra-class Pearson of {shape}", lambda: dist(s_logits, t_logits).backward()),
+        Case("PI feature", f"connector + channel-softmax KL, {fshape}", lambda: kd(connector(s_feat), t_feat).backward()),
     ]
 
 
@@ -161,7 +195,7 @@ def run(quick: bool = False, device: str = "cpu", batch: int = 8, crop: tuple[in
                      "measured_at": case.measured_at, "scaled": case.scale != 1.0})
     student = rows[-2]["seconds"]
     networks = student + rows[-1]["seconds"]
-    total = sum(r["seconds"] for r in rows[:-2] if r["name"] != "CWD feature")
+    total = sum(r["seconds"] for r in rows[:-2] if r["name"] != "CWD feature" and r["name"] not in COMPARISON)
     rows.insert(len(rows) - 2, {"name": "all losses", "what": "CE + CWD logits + KD + GAN (G and D): the heaviest recipe",
                                 "seconds": total, "spread": None, "measured_seconds": total, "measured_at": "full size",
                                 "scaled": False})

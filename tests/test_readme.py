@@ -98,6 +98,18 @@ def check(command: str, synthetic: Path, tmp_path: Path) -> None:
 
         reproduce_table.get_args_parser().parse_args(argv[2:])
         return
+    if argv[:3] == ["python", "-m", "tools.run_grid"]:
+        from tools import run_grid
+
+        args, jobs = run_grid.plan(argv[3:])
+        for job in jobs[:1]:
+            _parse_train(list(job.train_args))
+        return
+    if argv[:3] == ["python", "-m", "tools.summarize_runs"]:
+        from tools import summarize_runs
+
+        summarize_runs.get_parser().parse_args(argv[3:])
+        return
     if argv[:2] == ["python", "benchmarks/run.py"]:
         sys.path.insert(0, str(ROOT / "benchmarks"))
         from benchmarks import run as bench_run

@@ -103,7 +103,7 @@ def test_exp_cwd_recipe_writes_run_outputs(recipe, data_dir, tmp_path):
     assert (last["optimizer_d"] is not None) == (adv == "True")
     assert (last["connector"] is not None) == (feat == "True")
     if feat == "True":  # 1x1 conv 128 -> 512 for the R101 teacher's PSP feature
-        assert last["connector"]["0.weight"].shape == (512, 128, 1, 1)
+        assert last["connector"]["cwd.0.weight"].shape == (512, 128, 1, 1)
     assert tensor_digest(last["student"]) == tensor_digest(student)
     assert (run_dir / "city_2_D.pth").exists() == (adv == "True")
 

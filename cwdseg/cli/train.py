@@ -31,6 +31,7 @@ from cwdseg.data import DatasetError
 from cwdseg.data.registry import DATASETS, build_dataset, dataset_info
 from cwdseg.data.cityscapes import build_loader
 from cwdseg.data.sampling import TrainSampleStream
+from cwdseg.distill.registry import PRESETS, TERM_NAMES, DistillSpecError, resolve_spec, spec_run_name
 from cwdseg.engine.build import RANDOM, Engine, Models, build_criteria, build_engine, build_models, build_optimizers
 from cwdseg.engine.distributed import DeviceError, DistInfo, barrier, cleanup, init_distributed
 from cwdseg.engine.precision import AMP_CHOICES
@@ -125,6 +126,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--lambda-adv", type=float, default=0.001, help="generator adversarial weight")
     g.add_argument("--lambda-d", type=float, default=0.1, help="discriminator loss weight")
     g.add_argument("--lambda-gp", type=float, default=10.0, help="gradient-penalty weight (times lambda-d)")
+    g.add_argument("--distill", nargs="+", default=None, metavar="NAME=WEIGHT[,OPTION=VALUE]",
+                   help="distillation terms with their weights, e.g. cwd=3 kd=10 at_feat=10000; terms: "
+                        + ", ".join(TERM_NAMES) + " (README: Comparing methods)")
+    g.add_argument("--preset", default=None, choices=list(PRESETS),
+                   help="a recipe of the paper's Table 2 (or a later method); --distill adds or re-weights terms")
 
     g = p.add_argument_group("models")
     g.add_argument("--T_ckpt_path", "--teacher-ckpt", dest="T_ckpt_path", default="ckpt/teacher_city.pth",
@@ -197,8 +203,10 @@ def format_number(x: float) -> str:
 def default_run_name(args: argparse.Namespace) -> str:
     """Same shape as exp_cwd.sh's ``${KD}_${ADV}_${FEAT}_${NORM}_${DIVERGENCE}_${WEIGHT}_${TEMPERATURE}_${VERSION}``."""
     if args.demo:
-        name = "demo" if args.cwd or args.kd or args.adv else "demo_baseline"
+        name = "demo" if args.distill_terms else "demo_baseline"
         return name if args.dataset == "cityscapes" else f"{name}_{args.dataset}"  # one run folder per layout
+    if args.preset or args.distill:
+        return spec_run_name(args.distill_terms, args.preset)
     if not (args.cwd or args.kd or args.adv):
         return "baseline"
     version = "train"
@@ -216,12 +224,16 @@ def resolve_args(argv: list[str] | None = None) -> argparse.Namespace:
         args = parser.parse_args(argv)
     if args.demo:
         # The demo's values become the defaults, so a flag typed on the command line still wins.
-        parser.set_defaults(**DEMO_SETTINGS)
+        parser.set_defaults(**DEMO_SETTINGS, **({"cwd": False} if args.distill or args.preset else {}))
         args = parser.parse_args(argv)
     if args.data_dir is None:
         args.data_dir = default_data_dir(args.dataset)
     elif args.demo and args.data_dir == DEMO_SETTINGS["data_dir"] and args.dataset != "cityscapes":
         args.data_dir = f"{DEMO_SETTINGS['data_dir']}_{args.dataset}"  # one synthetic root per layout
+    try:
+        args.distill_terms = resolve_spec(args)  # {name: {"weight": w, options}}: --preset, --distill, --cwd/--kd/--adv
+    except DistillSpecError as exc:
+        parser.error(str(exc))
     if args.save_name is None:
         args.save_name = default_run_name(args)
     errors = []
@@ -348,7 +360,8 @@ class Validation:
             self.loader = build_eval_loader(val_set, batch_size=1, num_workers=min(self.args.num_workers, 2))
         metrics = evaluate_model(models.student_module, self.loader, num_classes=self.args.num_classes,
                                  device=engine.device, amp=self.args.amp, progress=sys.stdout.isatty())
-        metrics.update({"step": step, "selection": tag, "run": self.args.save_name})
+        metrics.update({"step": step, "selection": tag, "run": self.args.save_name, "seed": self.args.seed,
+                        "preset": self.args.preset, "distill": self.args.distill_terms})
         return metrics
 
     def intermediate(self, models: Models, engine: Engine, step: int, log) -> None:
@@ -455,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
             step += 1
             window.add(terms)
             if step % args.log_every == 0 or step == args.num_steps or step == start_step + 1:
-                log.metrics(window.record(step, args.num_steps, lr_g, info.device), window.steps)
+                log.metrics(window.record(step, args.num_steps, lr_g, info.device) | weights.record(), window.steps)
                 window.reset()
             if info.is_main and args.save_every and step % args.save_every == 0 and step < args.num_steps:
                 ckpt.save_student(models.student_module, run_dir / f"city_{step - 1}_G.pth")

@@ -3,17 +3,18 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from cwdseg import checkpoint as ckpt
-from cwdseg.distill import CriterionCWD, CriterionDSN, CriterionKD
+from cwdseg.distill import CriterionDSN
+from cwdseg.distill.registry import build_term, connector_policy, method_of, resolve_spec, tap_of
 from cwdseg.engine.distributed import DistInfo
 from cwdseg.engine.precision import AMP_DTYPES, autocast_context, resolve_amp
-from cwdseg.models import PSP_FEATURE_CHANNELS, build_model
+from cwdseg.models import FEATURE_CHANNELS, build_model
 from cwdseg.models.abn import convert_sync_abn
 from cwdseg.models.connector import FeatureConnector
 from cwdseg.models.discriminator import Discriminator
@@ -26,7 +27,7 @@ class Models:
     student: nn.Module                 # possibly DDP / compiled; `student_module` is the plain one
     student_module: nn.Module
     teacher: nn.Module | None = None
-    connector: nn.Module | None = None
+    connector: nn.ModuleDict | None = None   # {term name: connector} for the terms that need one
     discriminator: nn.Module | None = None
 
     def trainable_g(self) -> list[nn.Parameter]:
@@ -37,21 +38,36 @@ class Models:
 
 
 @dataclass
+class Term:
+    """One active distillation term: its loss ``loss(student_map, teacher_map, labels)`` and the tap
+    (``"logits"``: preds[0], ``"feature"``: preds[2]) both maps come from."""
+
+    loss: nn.Module
+    tap: str
+
+
+@dataclass
 class Criteria:
     dsn: CriterionDSN
-    cwd: CriterionCWD | None = None
-    kd: CriterionKD | None = None
-    cwd_ignore_mask: bool = False
+    terms: dict[str, Term] = field(default_factory=dict)   # name -> term, in the spec's order (not adv)
     ignore_label: int = 255
+
+    @property
+    def needs_teacher_feature(self) -> bool:
+        return any(term.tap == "feature" for term in self.terms.values())
 
 
 @dataclass
 class Weights:
-    cwd: float = 0.0
-    kd: float = 0.0
+    terms: dict[str, float] = field(default_factory=dict)  # name -> weight of each term of Criteria.terms
     adv: float = 0.0
     d: float = 0.0
     gp: float = 0.0
+
+    def record(self) -> dict[str, dict[str, float]]:
+        """``{"weights": {term: weight}}`` for each metrics line (adv: lambda_adv, d_*: lambda_d, lambda_d*lambda_gp)."""
+        extra = {"adv_g": self.adv, "d_wgan": self.d, "d_gp": self.d * self.gp} if self.adv or self.d else {}
+        return {"weights": {**self.terms, **extra}}
 
 
 @dataclass
@@ -67,8 +83,29 @@ class Engine:
     cwd_feat: bool = False
 
 
+def distill_spec(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The run's resolved distillation spec (``train.resolve_args`` stores it as ``args.distill_terms``)."""
+    spec = getattr(args, "distill_terms", None)
+    return resolve_spec(args) if spec is None else spec
+
+
 def needs_teacher(args: argparse.Namespace) -> bool:
-    return bool(args.cwd or args.kd or args.adv)
+    return bool(distill_spec(args))
+
+
+def build_connectors(args: argparse.Namespace, student_arch: str) -> nn.ModuleDict | None:
+    """A connector (student -> teacher channels) for each term that asks for one: always (CWD on the
+    feature, as the original; FitNet's regressor) or only when the channel counts differ (PI on features)."""
+    connectors = nn.ModuleDict()
+    for name, options in distill_spec(args).items():
+        policy = connector_policy(name, options)
+        s_ch, t_ch = FEATURE_CHANNELS[student_arch], FEATURE_CHANNELS[args.teacher_arch]
+        if policy == "always" or (policy == "if_channels_differ" and s_ch != t_ch):
+            if method_of(name).connector_kind == "conv":
+                connectors[name] = nn.Conv2d(s_ch, t_ch, kernel_size=1, bias=False)
+            else:
+                connectors[name] = FeatureConnector(s_ch, t_ch)
+    return connectors if len(connectors) else None
 
 
 def warn_loud(message: str) -> None:
@@ -100,10 +137,8 @@ def build_models(args: argparse.Namespace, info: DistInfo, log) -> Models:
             log(f"teacher ({args.teacher_arch}) loaded from {args.T_ckpt_path}")
         teacher.eval().requires_grad_(False)
 
-    connector = None
-    if args.cwd and args.cwd_feat:
-        connector = FeatureConnector(PSP_FEATURE_CHANNELS["resnet18"], PSP_FEATURE_CHANNELS[args.teacher_arch])
-    discriminator = Discriminator(in_channels=args.num_classes) if args.adv else None  # only when used (bug fix)
+    connector = build_connectors(args, getattr(args, "student_arch", "resnet18"))
+    discriminator = Discriminator(in_channels=args.num_classes) if "adv" in distill_spec(args) else None  # only when used (bug fix)
 
     mem = torch.channels_last if args.channels_last else torch.contiguous_format
     for m in (student, teacher, connector, discriminator):
@@ -127,17 +162,19 @@ def build_models(args: argparse.Namespace, info: DistInfo, log) -> Models:
 
 
 def build_criteria(args: argparse.Namespace) -> tuple[Criteria, Weights]:
-    criteria = Criteria(dsn=CriterionDSN(ignore_index=args.ignore_label), cwd_ignore_mask=args.cwd_ignore_mask,
-                        ignore_label=args.ignore_label)
+    """The loss modules and weights of the spec (``--distill``/``--preset`` and the original flags,
+    which are spec entries: ``--cwd`` is ``cwd`` [on the feature with ``--cwd-feat``], ``--kd`` is
+    ``kd``, ``--adv`` is ``adv``). Every term resizes the student map to the teacher's size when the
+    two differ (architectures can be a pixel apart)."""
+    criteria = Criteria(dsn=CriterionDSN(ignore_index=args.ignore_label), ignore_label=args.ignore_label)
     weights = Weights()
-    if args.cwd:
-        criteria.cwd = CriterionCWD(args.norm_type, args.divergence, args.temperature)
-        weights.cwd = args.lambda_cwd
-    if args.kd:
-        criteria.kd = CriterionKD()
-        weights.kd = args.lambda_kd
-    if args.adv:
-        weights.adv, weights.d, weights.gp = args.lambda_adv, args.lambda_d, args.lambda_gp
+    for name, options in distill_spec(args).items():
+        if name == "adv":
+            weights.adv, weights.d, weights.gp = options["weight"], options["d"], options["gp"]
+            continue
+        criteria.terms[name] = Term(build_term(name, options, args.num_classes, args.ignore_label),
+                                    tap_of(name, options))
+        weights.terms[name] = options["weight"]
     return criteria, weights
 
 

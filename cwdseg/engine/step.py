@@ -6,7 +6,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from cwdseg.distill import CriterionCWD, discriminator_wgan_gp_loss, generator_adversarial_loss
+from cwdseg.distill import discriminator_wgan_gp_loss, generator_adversarial_loss
 from cwdseg.engine.build import Criteria, Engine, Models, Weights
 from cwdseg.engine.distributed import average_buffers, average_gradients
 from cwdseg.models.discriminator import MIN_INPUT_SIZE
@@ -64,30 +64,28 @@ def train_step(
         last = i == n_micro - 1
         sync = contextlib.nullcontext() if last or not hasattr(models.student, "no_sync") else models.student.no_sync()
         with sync:
-            preds_t = None
+            taps_t = None
             if models.teacher is not None:
                 with torch.inference_mode(), engine.autocast():
                     out_t = models.teacher(images, aux=False)  # no loss uses the teacher's aux head
-                # Inference tensors cannot be saved for backward: copy the two maps the losses use.
-                preds_t = (out_t[0].clone(), out_t[2].clone() if engine.cwd_feat else None)
+                # Inference tensors cannot be saved for backward: copy the maps the losses use.
+                taps_t = {"logits": out_t[0].clone(),
+                          "feature": out_t[2].clone() if criteria.needs_teacher_feature else None}
             with engine.autocast():
                 preds_s = models.student(images)
+                taps_s = {"logits": preds_s[0], "feature": preds_s[2]}
                 terms = {"ce": criteria.dsn(preds_s, labels)}
-                if criteria.cwd is not None:
-                    target_t = preds_t[1] if engine.cwd_feat else preds_t[0]
-                    source_s = models.connector(preds_s[2]) if engine.cwd_feat else preds_s[0]
-                    mask = None
-                    if criteria.cwd_ignore_mask:
-                        mask = CriterionCWD.mask_from_labels(labels, target_t.shape[-2:], criteria.ignore_label)
-                    terms["cwd"] = weights.cwd * criteria.cwd(source_s, target_t, ignore_mask=mask)
-                if criteria.kd is not None:
-                    terms["kd"] = weights.kd * criteria.kd(preds_s[0], preds_t[0])
+                for name, term in criteria.terms.items():
+                    source_s = taps_s[term.tap]
+                    if models.connector is not None and name in models.connector:
+                        source_s = models.connector[name](source_s)
+                    terms[name] = weights.terms[name] * term.loss(source_s, taps_t[term.tap], labels)
                 if models.discriminator is not None:
                     # D runs in fp32 (its gradient penalty needs a double backward).
                     with torch.autocast(engine.device.type, enabled=False):
                         d_out = models.discriminator(discriminator_input(preds_s[0]))
                     terms["adv_g"] = weights.adv * generator_adversarial_loss(d_out)
-                    logits_pairs.append((preds_s[0].detach(), preds_t[0]))
+                    logits_pairs.append((preds_s[0].detach(), taps_t["logits"]))
             total = sum(terms.values())
             engine.scaler.scale(total / n_micro).backward()
         for k, v in terms.items():
