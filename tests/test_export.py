@@ -232,3 +232,27 @@ def test_normalization_luts_equal_the_training_pipeline():
     rgb = Normalization("RGB", (123.675, 116.28, 103.53), (58.395, 57.12, 57.375))
     by_hand = (bgr[..., ::-1].astype(np.float64) - np.array([123.675, 116.28, 103.53])) / np.array([58.395, 57.12, 57.375])
     assert np.abs(rgb.apply(bgr) - by_hand.transpose(2, 0, 1)).max() < 1e-5
+
+
+def test_predict_runs_the_exports(exported, run_folder, tmp_path):
+    """predict.py on the .onnx (ONNX Runtime, folded normalisation) and the .safetensors export."""
+    import cv2
+
+    from cwdseg.cli import predict
+
+    out, _ = exported
+    rng = np.random.default_rng(7)
+    images = tmp_path / "images"
+    images.mkdir()
+    for k in range(2):
+        cv2.imwrite(str(images / f"im{k}.png"), rng.integers(0, 256, size=(48, 80, 3), dtype=np.uint8))
+    common = ["--input", str(images), "--no-progress", "--device", "cpu", "--no-overlay"]
+    predict.main(["--restore-from", str(run_folder / "city_99_G.pth"), "--output-dir", str(tmp_path / "pth"), *common])
+    predict.main(["--restore-from", str(out / "cwd_run.safetensors"), "--output-dir", str(tmp_path / "st"), *common])
+    predict.main(["--restore-from", str(out / "cwd_run.onnx"), "--output-dir", str(tmp_path / "onnx"), *common])
+    for k in range(2):
+        ref = cv2.imread(str(tmp_path / "pth" / "ids" / f"im{k}.png"), cv2.IMREAD_UNCHANGED)
+        st = cv2.imread(str(tmp_path / "st" / "ids" / f"im{k}.png"), cv2.IMREAD_UNCHANGED)
+        on = cv2.imread(str(tmp_path / "onnx" / "ids" / f"im{k}.png"), cv2.IMREAD_UNCHANGED)
+        assert ref.shape == (48, 80) and np.array_equal(st, ref)
+        assert (on == ref).mean() > 0.999  # fp32 logits within 1e-5: argmax differs at most at exact near-ties
