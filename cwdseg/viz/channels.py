@@ -85,8 +85,8 @@ def plot_channel_grid(dist: ChannelDistillation, out_png: str | Path, channels: 
     h, w = dist.teacher.shape[1:]
     cell_w = 3.2
     cell_h = max(1.2, cell_w * h / w)
-    fig = plt.figure(figsize=(3 * cell_w + 0.8, 2.6 + rows * (cell_h + 0.45)))
-    grid = fig.add_gridspec(rows + 1, 3, height_ratios=[2.2] + [cell_h] * rows, hspace=0.45, wspace=0.25)
+    fig = plt.figure(figsize=(3 * cell_w + 0.8, 3.2 + rows * (cell_h + 0.55)))
+    grid = fig.add_gridspec(rows + 1, 3, height_ratios=[2.6] + [cell_h] * rows, hspace=0.6, wspace=0.25)
     top_image = fig.add_subplot(grid[0, 0])
     if image_rgb is not None:
         top_image.imshow(image_rgb)

@@ -52,7 +52,7 @@ def draw_legend(image_bgr: np.ndarray, ids: np.ndarray, class_names: Sequence[st
     if not present:
         return out
     height, width = out.shape[:2]
-    scale = max(0.3, min(1.2, height / 900))
+    scale = max(0.4, min(1.2, height / 900))
     thick = 1 if scale < 0.8 else 2
     row = int(round(26 * scale))
     pad = max(2, row // 4)
