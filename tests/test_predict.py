@@ -118,6 +118,14 @@ def test_video_gives_an_annotated_video_and_per_frame_ids(synth, student, net, t
         ids = cv2.imread(str(out / "ids" / "clip" / f"{k:06d}.png"), cv2.IMREAD_UNCHANGED)
         assert ids.shape == SIZE
         assert np.array_equal(ids, _expected_ids(net, frame)), k
+    # PyAV decodes the MJPG frames to the same pixels as OpenCV here, so --decoder pyav gives the same ids.
+    run_predict("--restore-from", str(student), "--input", str(video), "--output-dir", str(tmp_path / "av"),
+                "--decoder", "pyav", "--max-frames", "2", "--video-ext", ".avi")
+    assert sorted(p.name for p in (tmp_path / "av" / "ids" / "clip").iterdir()) == ["000000.png", "000001.png"]
+    for k in range(2):
+        by_av = cv2.imread(str(tmp_path / "av" / "ids" / "clip" / f"{k:06d}.png"), cv2.IMREAD_UNCHANGED)
+        assert np.array_equal(by_av, _expected_ids(net, decoded[k]))
+    assert (tmp_path / "av" / "clip_overlay.avi").is_file()
     annotated = cv2.VideoCapture(str(out / "clip_overlay.mp4"))
     assert int(annotated.get(cv2.CAP_PROP_FRAME_WIDTH)) == SIZE[1]
     assert int(annotated.get(cv2.CAP_PROP_FRAME_HEIGHT)) == SIZE[0]

@@ -53,7 +53,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-json", default=None, help="evaluate.py results.json or a run's eval.json for the val numbers")
     p.add_argument("--config-json", default=None, help="a run's config.json for the recipe (run folders: read itself)")
     p.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS), help="what to write")
-    p.add_argument("--num-classes", type=int, default=NUM_CLASSES, help="classes of the network")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help=f"classes of the network; default: the run's config.json, else {NUM_CLASSES}")
     p.add_argument("--classes", default=None,
                    help="JSON file: a list of class names or of {name, color: [r, g, b]}; default: Cityscapes' 19")
     p.add_argument("--channel-order", choices=("BGR", "RGB"), default=ORIGINAL.channel_order,
@@ -110,11 +111,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise ExportSourceError(f"{existing[0]} exists ({len(existing)} of the export files do); pass --overwrite "
                                 f"to replace them or choose another --out-dir")
 
-    model, arch = load_model(source.weights, None, args.num_classes)
+    num_classes = args.num_classes or int((source.config or {}).get("num_classes", NUM_CLASSES))
+    model, arch = load_model(source.weights, None, num_classes)
     model.eval()
-    classes = read_classes(args.classes, args.num_classes)
+    classes = read_classes(args.classes, num_classes)
     gmacs = {f"{h}x{w}": count_macs(model, (h, w)) / 1e9 for h, w in args.gmacs_sizes}
-    meta = build_metadata(arch, args.num_classes, source, normalization, classes, count_parameters(model), gmacs)
+    meta = build_metadata(arch, num_classes, source, normalization, classes, count_parameters(model), gmacs)
     meta["source_sha256"] = sha256_file(source.weights)
     meta["files"] = files
     print(f"exporting {source.weights} ({arch}, {meta['parameters'] / 1e6:.2f}M parameters, selection "
@@ -131,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         worst = max(diffs.values())
         meta["onnx_input"] = "raw" if args.fold_normalization else "normalised"
         meta["onnx_check"] = {"max_abs_logit_diff": diffs, "opset": args.opset}
-        print(f"ONNX Runtime vs PyTorch, max |logit difference|: "
+        print("ONNX Runtime vs PyTorch, max |logit difference|: "
               + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()) + f"  ({onnx_path})")
         if worst > args.tolerance:
             raise ExportError(f"{onnx_path}: ONNX Runtime differs from PyTorch by {worst:.3g} (> --tolerance "
