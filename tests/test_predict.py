@@ -1,6 +1,7 @@
 """predict.py on a generated image folder and a generated video: sizes, and ids equal to evaluate.py's."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import cv2
@@ -118,6 +119,15 @@ def test_video_gives_an_annotated_video_and_per_frame_ids(synth, student, net, t
         ids = cv2.imread(str(out / "ids" / "clip" / f"{k:06d}.png"), cv2.IMREAD_UNCHANGED)
         assert ids.shape == SIZE
         assert np.array_equal(ids, _expected_ids(net, frame)), k
+    # evaluate.py itself on the decoded first frame (put in place of a val image of a copy of the dataset).
+    copy = tmp_path / "copy"
+    shutil.copytree(synth, copy)
+    target = sorted((copy / "leftImg8bit" / "val").glob("*/*.png"))[0]
+    cv2.imwrite(str(target), decoded[0])
+    evaluate.main(["--data-dir", str(copy), "--restore-from", str(student), "--save-dir", str(tmp_path / "ev"),
+                   "--max-images", "1", "--num-workers", "0", "--no-progress", "--device", "cpu"])
+    by_evaluate = cv2.imread(str(next((tmp_path / "ev" / "trainIds").glob("*.png"))), cv2.IMREAD_UNCHANGED)
+    assert np.array_equal(cv2.imread(str(out / "ids" / "clip" / "000000.png"), cv2.IMREAD_UNCHANGED), by_evaluate)
     # PyAV decodes the MJPG frames to the same pixels as OpenCV here, so --decoder pyav gives the same ids.
     run_predict("--restore-from", str(student), "--input", str(video), "--output-dir", str(tmp_path / "av"),
                 "--decoder", "pyav", "--max-frames", "2", "--video-ext", ".avi")
