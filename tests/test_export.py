@@ -180,7 +180,7 @@ def test_model_card_holds_the_eval_numbers_and_the_selection(exported):
     assert "| **mIoU** | **43.21** |" in card and "| pixel accuracy | 87.65 |" in card
     assert "| road | 1.30 |" in card and "| sidewalk | 2.60 |" in card and "| class18 | 24.70 |" in card
     assert "final iteration" in card and "13.07 M" in card
-    assert "| `lambda_cwd` | `3.0` |" in card
+    assert "| `lambda_cwd` | `3.0` |" in card and "Trained on `/somewhere/cityscapes`" in card
     assert "load_file('cwd_run.safetensors')" in card and "build_model('resnet18', num_classes=19)" in card
     # the five lines of plain PyTorch run as written
     code = card.split("```python\n", 1)[1].split("```", 1)[0]

@@ -166,6 +166,9 @@ def load_predictor(args: argparse.Namespace, device: torch.device) -> Predictor:
     num_classes = int(meta.get("num_classes", len(meta["classes"]) if meta.get("classes") else args.num_classes))
     names, colors = _classes_from(meta, num_classes)
     base = Normalization.from_dict(meta["normalization"]) if "normalization" in meta else ORIGINAL
+    if args.channel_order and args.channel_order != base.channel_order and args.mean is None:
+        raise PredictError(f"--channel-order {args.channel_order} differs from the weights' {base.channel_order}: "
+                           f"give --mean (and --std) in {args.channel_order} order too")
     try:
         normalization = Normalization(args.channel_order or base.channel_order,
                                       tuple(args.mean) if args.mean else base.mean,

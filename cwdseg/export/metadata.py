@@ -145,6 +145,8 @@ def build_metadata(arch: str, num_classes: int, source: ExportSource, normalizat
         "selection": source.selection,
         "source_weights": str(source.weights),
         "recipe": recipe,
+        "data": {k: source.config.get(k) for k in ("data_dir", "data_list", "num_classes", "ignore_label")}
+        if source.config else None,
         "val": evaluation_summary(source.evaluation),
         "parameters": params,
         "gmacs": gmacs,

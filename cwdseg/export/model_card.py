@@ -90,8 +90,12 @@ def render_model_card(meta: dict[str, Any], files: dict[str, str]) -> str:
         "",
         "## Data",
         "",
-        "Cityscapes fine annotations (2975 train / 500 val images, 19 classes) unless the recipe below says "
-        "otherwise" + (f"; evaluated on {val.get('num_images')} {val.get('split', 'val')} images." if val else "."),
+        (f"Trained on `{meta['data']['data_dir']}`" + (f" (list `{meta['data']['data_list']}`)"
+                                                        if meta["data"].get("data_list") else "")
+         if meta.get("data") and meta["data"].get("data_dir") else "Training data not recorded (no `config.json`)")
+        + ". The paper's recipe is for Cityscapes fine annotations (2975 train / 500 val images, 19 classes)"
+        + (f"; these weights were evaluated on {val.get('num_images')} {val.get('split', 'val')} images."
+           if val else "."),
         "",
         "## Training recipe",
         "",
