@@ -186,3 +186,19 @@ def test_unreadable_input_and_existing_outputs_are_one_line_errors(synth, studen
 def test_classes_present_is_ordered_by_area():
     ids = np.array([[3, 3, 3, 1], [1, 7, 255, 255]], np.uint8)
     assert classes_present(ids, 19) == [3, 1, 7]  # 255 (ignore) is no class
+
+
+def test_class_names_and_colours_are_parameters(synth, student, tmp_path, capsys):
+    table = tmp_path / "classes.json"
+    table.write_text(__import__("json").dumps([{"name": f"thing{i}", "color": [255, 0, 10 * i]} for i in range(19)]))
+    image_path = val_images(synth)[2]
+    run_predict("--restore-from", str(student), "--input", str(image_path), "--output-dir", str(tmp_path / "o"),
+                "--classes", str(table), "--alpha", "1.0")
+    ids = cv2.imread(str(tmp_path / "o" / "ids" / f"{image_path.stem}.png"), cv2.IMREAD_UNCHANGED)
+    overlay = cv2.imread(str(tmp_path / "o" / "overlay" / f"{image_path.stem}.png"), cv2.IMREAD_COLOR)
+    region = (slice(SIZE[0] // 2, None), slice(SIZE[1] // 2, None))
+    want_bgr = np.stack([10 * ids, np.zeros_like(ids), np.full_like(ids, 255)], axis=-1)  # RGB (255, 0, 10 id)
+    assert np.array_equal(overlay[region], want_bgr[region])
+    assert predict.cli(["--restore-from", str(student), "--input", str(image_path), "--output-dir",
+                        str(tmp_path / "o2"), "--channel-order", "RGB", "--device", "cpu"]) == 2
+    assert "--mean" in capsys.readouterr().err
