@@ -6,7 +6,10 @@
 #   bash exp_cwd.sh channel kl 3 4 False False False v1      # CWD on the logits (paper recipe)
 #   bash exp_cwd.sh channel kl 3 4 True True False v1        # + pixel KD + holistic GAN
 #
-# Dataset root: $CITYSCAPES (default data/cityscapes). Further arguments go to train.py unchanged.
+# Dataset: $DATASET (cityscapes, pascal_voc, ade20k, camvid or folder; default cityscapes) with its root in
+# $DATA_DIR; for cityscapes the root may also come from $CITYSCAPES (default data/cityscapes).
+#   DATASET=ade20k DATA_DIR=/data/ADEChallengeData2016 bash exp_cwd.sh channel kl 3 4 False False False v1 --recipe ade20k
+# Further arguments go to train.py unchanged.
 set -euo pipefail
 
 usage() {
@@ -43,7 +46,7 @@ done
 NAME="${KD}_${ADV}_${FEAT}_${NORM}_${DIVERGENCE}_${WEIGHT}_${TEMPERATURE}_${VERSION}"
 PYTHON=${PYTHON:-python}
 
-# train.py reads $CITYSCAPES itself (default data/cityscapes), so --demo can pick its synthetic root.
+# train.py reads $DATASET, $DATA_DIR and $CITYSCAPES itself, so --demo can pick its synthetic root.
 exec "$PYTHON" "$(dirname "$0")/train.py" --kd "$KD" --adv "$ADV" --cwd True --cwd-feat "$FEAT" \
   --temperature "$TEMPERATURE" --norm-type "$NORM" --divergence "$DIVERGENCE" --lambda-cwd "$WEIGHT" \
   --save-name "$NAME" "$@"

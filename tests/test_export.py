@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cwdseg.export.metadata import BEST_VAL, FINAL
-from cwdseg.export.normalization import ORIGINAL, Normalization
+from cwdseg.export.normalization import ORIGINAL, apply, make, to_dict
 from cwdseg.export.onnx import ExactAdaptiveAvgPool2d, export_onnx, read_onnx_metadata, static_dims
 from cwdseg.export.weights import load_safetensors, load_safetensors_model, save_safetensors
 from cwdseg.models import MODEL_BUILDERS, build_model
@@ -149,7 +149,7 @@ def test_export_writes_every_file_with_the_run_metadata(exported, run_folder, ca
     assert written["val"]["miou"] == 0.4321 and written["recipe"]["lambda_cwd"] == 3.0
     assert "data_dir" not in written["recipe"]  # paths are not recipe
     assert written["classes"][0] == {"id": 0, "name": "road", "color": [128, 64, 128]}
-    assert written["normalization"] == ORIGINAL.to_dict()
+    assert written["normalization"] == to_dict(ORIGINAL) and written["normalization"]["channel_order"] == "BGR"
     assert max(written["onnx_check"]["max_abs_logit_diff"].values()) < 1e-3
     st_state, st_meta = load_safetensors(out / "cwd_run.safetensors")
     assert st_meta["val"]["miou"] == 0.4321
@@ -228,10 +228,11 @@ def test_normalization_luts_equal_the_training_pipeline():
 
     bgr = np.random.default_rng(5).integers(0, 256, size=(9, 11, 3), dtype=np.uint8)
     want, _ = preprocess(bgr, None, None, crop_size=None)
-    assert np.array_equal(ORIGINAL.apply(bgr), want)
-    rgb = Normalization("RGB", (123.675, 116.28, 103.53), (58.395, 57.12, 57.375))
+    assert np.array_equal(apply(ORIGINAL, bgr), want)
+    rgb = make("RGB", (123.675, 116.28, 103.53), (58.395, 57.12, 57.375))
     by_hand = (bgr[..., ::-1].astype(np.float64) - np.array([123.675, 116.28, 103.53])) / np.array([58.395, 57.12, 57.375])
-    assert np.abs(rgb.apply(bgr) - by_hand.transpose(2, 0, 1)).max() < 1e-5
+    assert rgb.name == "imagenet_rgb"  # a known record is recognised
+    assert np.abs(apply(rgb, bgr) - by_hand.transpose(2, 0, 1)).max() < 1e-5
 
 
 def test_predict_runs_the_exports(exported, run_folder, tmp_path):

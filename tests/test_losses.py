@@ -364,6 +364,49 @@ def test_gradient_penalty_linear_critic_closed_form(scale: float) -> None:
     torch.testing.assert_close(critic.w.grad.double(), expected, rtol=1e-4, atol=1e-6)
 
 
+class SquareConvCritic(nn.Module):
+    """A critic whose output is a map: D(x) = conv2d(x^2, k), [N, C, 5, 5] -> [N, 1, 3, 3]."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(13)
+        self.k = nn.Parameter(torch.randn(1, channels, 3, 3, generator=g) * 0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x * x, self.k)
+
+
+def test_gradient_penalty_on_a_3x3_output_map() -> None:
+    """The penalty differentiates the sum over the critic's output map (the original's
+    grad_outputs=ones), not a per-sample mean score."""
+    critic = SquareConvCritic(2)
+    real = torch.randn(3, 2, 5, 5, generator=torch.Generator().manual_seed(14))
+    gp = gradient_penalty(critic, real, real.clone())  # real == fake: x_hat = real whatever alpha is
+    gp.backward()
+
+    k = critic.k.detach().clone().requires_grad_(True)
+
+    def kernel_sum(c: int, a: int, b: int) -> torch.Tensor:
+        """sum over the 3x3 output positions (i, j) of k[c, a - i, b - j] where that tap exists."""
+        taps = [k[0, c, a - i, b - j] for i in range(3) for j in range(3) if 0 <= a - i < 3 and 0 <= b - j < 3]
+        return torch.stack(taps).sum()
+
+    def penalty(scale: float) -> torch.Tensor:
+        terms = []
+        for n in range(3):
+            # d/dx[c, a, b] of sum_{i,j} sum_{c,p,q} k[c,p,q] x[c, i+p, j+q]^2 = 2 x[c,a,b] * kernel_sum(c, a, b)
+            grad = torch.stack([2 * real[n, c, a, b] * kernel_sum(c, a, b) for c in range(2) for a in range(5) for b in range(5)])
+            terms.append((torch.sqrt((scale * grad).pow(2).sum()) - 1) ** 2)
+        return torch.stack(terms).mean()
+
+    expected = penalty(1.0)
+    assert gp.item() == pytest.approx(expected.item(), rel=1e-5)
+    expected.backward()
+    torch.testing.assert_close(critic.k.grad, k.grad, rtol=1e-4, atol=1e-6)
+    # The gradient of the per-sample mean (what a [N]-score critic would give) is 9x smaller.
+    assert abs(penalty(1 / 9).item() - gp.item()) > 1e-2
+
+
 def test_discriminator_loss_terms_and_weights() -> None:
     critic = LinearCritic((3, 4, 4), 0.3)
     g = torch.Generator().manual_seed(12)

@@ -202,3 +202,21 @@ def test_class_names_and_colours_are_parameters(synth, student, tmp_path, capsys
     assert predict.cli(["--restore-from", str(student), "--input", str(image_path), "--output-dir",
                         str(tmp_path / "o2"), "--channel-order", "RGB", "--device", "cpu"]) == 2
     assert "--mean" in capsys.readouterr().err
+
+
+def test_dataset_option_takes_that_datasets_colours(synth, tmp_path):
+    from cwdseg.data.registry import dataset_info
+
+    info = dataset_info("pascal_voc")
+    ckpt = tmp_path / "voc_student.pth"
+    from tests.factories import random_state_dict
+
+    torch.save(random_state_dict("resnet18", seed=3, num_classes=info.num_classes), ckpt)
+    image_path = val_images(synth)[0]
+    run_predict("--restore-from", str(ckpt), "--input", str(image_path), "--output-dir", str(tmp_path / "o"),
+                "--dataset", "pascal_voc", "--num-classes", str(info.num_classes), "--alpha", "1.0")
+    ids = cv2.imread(str(tmp_path / "o" / "ids" / f"{image_path.stem}.png"), cv2.IMREAD_UNCHANGED)
+    overlay = cv2.imread(str(tmp_path / "o" / "overlay" / f"{image_path.stem}.png"), cv2.IMREAD_COLOR)
+    region = (slice(SIZE[0] // 2, None), slice(SIZE[1] // 2, None))
+    assert ids.max() < info.num_classes
+    assert np.array_equal(overlay[region], info.colors[ids][..., ::-1][region])

@@ -117,6 +117,12 @@ def check(command: str, synthetic: Path, tmp_path: Path) -> None:
         return
     if argv[:3] == ["python", "-m", "cwdseg.data"]:
         argv = [a if a != "data/cityscapes" else str(synthetic) for a in argv]
+        if "--dataset" in argv and argv[argv.index("--dataset") + 1] != "cityscapes":
+            # Another registered layout: its synthetic copy stands in for the --data-dir of the README.
+            from cwdseg.data.synthetic_zoo import generate_dataset
+
+            root = generate_dataset(argv[argv.index("--dataset") + 1], tmp_path / "zoo")
+            argv[argv.index("--data-dir") + 1] = str(root)
         out = subprocess.run([sys.executable, *argv[1:]], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr
         assert "train" in out.stdout and "val" in out.stdout

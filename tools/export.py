@@ -24,7 +24,7 @@ from cwdseg.data.labels import CLASS_NAMES, NUM_CLASSES, TRAIN_ID_COLORS
 from cwdseg.evaluation.loop import EvaluationError, load_model, sha256_file
 from cwdseg.export.metadata import SELECTIONS, ExportSourceError, build_metadata, class_table, resolve_source
 from cwdseg.export.model_card import render_model_card
-from cwdseg.export.normalization import ORIGINAL, Normalization
+from cwdseg.export.normalization import ORIGINAL, channel_order, make
 from cwdseg.export.onnx import ExportError, compare_with_onnxruntime, export_onnx
 from cwdseg.export.weights import save_safetensors
 from cwdseg.models.summary import count_macs, count_parameters
@@ -57,7 +57,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help=f"classes of the network; default: the run's config.json, else {NUM_CLASSES}")
     p.add_argument("--classes", default=None,
                    help="JSON file: a list of class names or of {name, color: [r, g, b]}; default: Cityscapes' 19")
-    p.add_argument("--channel-order", choices=("BGR", "RGB"), default=ORIGINAL.channel_order,
+    p.add_argument("--channel-order", choices=("BGR", "RGB"), default=channel_order(ORIGINAL),
                    help="input channel order the weights expect")
     p.add_argument("--mean", type=float, nargs=3, default=list(ORIGINAL.mean), help="per-channel mean (0..255)")
     p.add_argument("--std", type=float, nargs=3, default=list(ORIGINAL.std), help="per-channel std (0..255 units)")
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = get_args_parser()
     args = parser.parse_args(argv)
     try:
-        normalization = Normalization(args.channel_order, tuple(args.mean), tuple(args.std))
+        normalization = make(args.channel_order, args.mean, args.std)
     except ValueError as exc:
         parser.error(str(exc))
     source = resolve_source(args.source, args.select, args.eval_json, args.config_json)

@@ -27,7 +27,7 @@ from cwdseg.data import DatasetError
 from cwdseg.data.labels import CLASS_NAMES, NUM_CLASSES
 from cwdseg.evaluation.loop import EvaluationError, build_eval_dataset, load_model
 from cwdseg.evaluation.media import MediaError, read_image
-from cwdseg.export.normalization import ORIGINAL
+from cwdseg.export.normalization import ORIGINAL, apply
 from cwdseg.export.onnx import LogitsOnly
 from cwdseg.viz.channels import channel_distributions, plot_channel_grid, top_channels
 
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         image_bgr = cv2.resize(image_bgr, (args.resize[1], args.resize[0]), interpolation=cv2.INTER_LINEAR)
     teacher, teacher_arch = load_model(args.teacher, None, args.num_classes)
     student, student_arch = load_model(args.student, None, args.num_classes)
-    x = torch.from_numpy(ORIGINAL.apply(image_bgr))[None]
+    x = torch.from_numpy(apply(ORIGINAL, image_bgr))[None]
     with torch.no_grad():
         t_logits = LogitsOnly(teacher.eval())(x)
         s_logits = LogitsOnly(student.eval())(x)

@@ -27,7 +27,7 @@ import torch
 
 from cwdseg.checkpoint import CheckpointError
 from cwdseg.data import DatasetError
-from cwdseg.data.labels import CLASS_NAMES, NUM_CLASSES
+from cwdseg.data.registry import DATASETS, dataset_info
 from cwdseg.engine.distributed import DeviceError, resolve_device
 from cwdseg.engine.precision import AMP_CHOICES
 from cwdseg.evaluation.inference import parse_overlap
@@ -50,16 +50,18 @@ def _overlap_arg(value: str) -> float:
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """The command line of evaluate.py (reusable by other scripts through ``parents=``)."""
-    p = argparse.ArgumentParser(description="Evaluate a PSPNet checkpoint on Cityscapes", add_help=add_help,
+    p = argparse.ArgumentParser(description="Evaluate a PSPNet checkpoint on a dataset (Cityscapes by default)", add_help=add_help,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data")
-    g.add_argument("--data-dir", required=True, help="Cityscapes root (holds leftImg8bit/ and gtFine/)")
+    g.add_argument("--dataset", default=os.environ.get("DATASET", "cityscapes"), choices=sorted(DATASETS),
+                   help="dataset layout and label convention of --data-dir (from $DATASET when set)")
+    g.add_argument("--data-dir", required=True, help="dataset root (Cityscapes: holds leftImg8bit/ and gtFine/)")
     g.add_argument("--split", choices=SPLITS, default="val", help="val: mIoU; test: labelId PNGs for the server")
     g.add_argument("--data-list", default=None,
                    help="list file of the split (image<TAB>label per line); default: scan the split folder")
     g.add_argument("--max-images", type=int, default=None, help="evaluate only the first N images (quick checks)")
-    g.add_argument("--num-classes", "--num_classes", dest="num_classes", type=int, default=NUM_CLASSES,
-                   help="number of classes of the network")
+    g.add_argument("--num-classes", "--num_classes", dest="num_classes", type=int, default=None,
+                   help="number of classes of the network; default: the dataset's (must agree when given)")
     g = p.add_argument_group("model")
     g.add_argument("--restore-from", required=True, help="checkpoint file (released student/teacher or ours)")
     g.add_argument("--arch", choices=("resnet18", "resnet101"), default=None,
@@ -72,6 +74,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="sliding tile overlap, a fraction like 1/3 or a float; stride = ceil(tile*(1-overlap))")
     g.add_argument("--tile-batch", type=int, default=6, help="tiles per forward in sliding mode")
     g.add_argument("--scales", type=float, nargs="+", default=[1.0], help="image scales whose logits are averaged")
+    g.add_argument("--short-side", type=int, default=None,
+                   help="resize images to this short side first, labels kept at full size (mmsegmentation's "
+                        "ADE20K/VOC test protocol: 512); default: native size")
     g.add_argument("--flip", action="store_true", help="also average the logits of the mirrored image")
     g = p.add_argument_group("runtime")
     g.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N; default: cuda if available else cpu")
@@ -94,7 +99,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return p
 
 
-def _read_compare(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any] | None:
+def _read_compare(parser: argparse.ArgumentParser, args: argparse.Namespace, names: list[str]) -> dict[str, Any] | None:
     """The --compare results.json (checked: a val evaluation with per-class IoU), or None."""
     if args.compare is None:
         return None
@@ -106,7 +111,6 @@ def _read_compare(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         parser.error(f"--compare {args.compare}: cannot read it as JSON ({exc})")
     if not isinstance(other, dict) or not isinstance(other.get("per_class_iou"), dict):
         parser.error(f"--compare {args.compare}: not an evaluate.py results.json of the val split (no per_class_iou)")
-    names = list(CLASS_NAMES) if args.num_classes == NUM_CLASSES else [str(i) for i in range(args.num_classes)]
     if list(other["per_class_iou"]) != names:
         parser.error(f"--compare {args.compare}: it scores other classes than this evaluation ({len(names)} classes)")
     return other
@@ -118,15 +122,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.official_check and (args.save_dir is None or args.split != "val"):
         parser.error("--official-check scores the labelId PNGs of the val split: pass --split val and --save-dir")
-    compare = _read_compare(parser, args)
     if args.batch_size < 1 or args.tile_batch < 1 or args.num_workers < 0:
         parser.error("--batch-size and --tile-batch must be >= 1, --num-workers >= 0")
+    if args.official_check and args.dataset != "cityscapes":
+        parser.error("--official-check runs cityscapesscripts, which scores Cityscapes only; drop it for "
+                     f"--dataset {args.dataset}")
+    info = dataset_info(args.dataset, args.data_dir)
+    if args.num_classes is None:
+        args.num_classes = info.num_classes
+    elif args.num_classes != info.num_classes:
+        parser.error(f"--num-classes {args.num_classes} contradicts --dataset {args.dataset}, which has "
+                     f"{info.num_classes} classes; drop --num-classes")
+    compare = _read_compare(parser, args, list(info.class_names))
     device = resolve_device(args.device, args.gpu)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # every image has the same size
 
     model, arch = load_model(args.restore_from, args.arch, args.num_classes)
-    dataset = build_eval_dataset(args.data_dir, args.split, args.data_list, args.max_images)
+    dataset = build_eval_dataset(args.data_dir, args.split, args.data_list, args.max_images, dataset=args.dataset,
+                                 short_side=args.short_side)
     loader = build_eval_loader(dataset, args.batch_size, args.num_workers)
     print(f"evaluating {args.restore_from} ({arch}) on {len(dataset)} {args.split} images, {args.mode} mode, "
           f"scales {args.scales}, flip {args.flip}, amp {args.amp}, device {device}", flush=True)
@@ -138,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     results["checkpoint"] = {"path": str(Path(args.restore_from).resolve()), "sha256": sha256_file(args.restore_from),
                              "arch": arch}
-    results["data"] = {"data_dir": str(Path(args.data_dir).resolve()), "data_list": args.data_list,
+    results["data"] = {"dataset": args.dataset, "data_dir": str(Path(args.data_dir).resolve()), "data_list": args.data_list,
                        "max_images": args.max_images}
 
     if args.split == "val":

@@ -37,14 +37,17 @@ from torch import nn
 from tqdm import tqdm
 
 from cwdseg.checkpoint import CheckpointError
+from cwdseg.data import DatasetError
 from cwdseg.data.labels import CLASS_NAMES, NUM_CLASSES, TRAIN_ID_COLORS
+from cwdseg.data.registry import DATASETS, dataset_info
 from cwdseg.engine.distributed import DeviceError, resolve_device
 from cwdseg.engine.precision import AMP_CHOICES
 from cwdseg.evaluation.inference import parse_overlap, predict_logits
 from cwdseg.evaluation.loop import EvaluationError, _as_amp_dtype, load_model
 from cwdseg.evaluation.media import DECODERS, MediaError, MediaItem, VideoSink, discover, prefetch, read_image, \
     read_video, video_info
-from cwdseg.export.normalization import ORIGINAL, Normalization
+from cwdseg.data.transforms import Normalization
+from cwdseg.export.normalization import ORIGINAL, apply, channel_order, describe, from_dict, make
 from cwdseg.viz.overlay import overlay_with_legend
 
 OVERLAY_DIR, IDS_DIR = "overlay", "ids"
@@ -71,8 +74,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace outputs that exist")
     g = p.add_argument_group("model")
     g.add_argument("--num-classes", type=int, default=NUM_CLASSES, help="classes of a .pth checkpoint")
-    g.add_argument("--classes", default=None,
-                   help="JSON list of class names or {name, color}; default: the export's, else Cityscapes'")
+    g.add_argument("--dataset", choices=sorted(DATASETS), default=None,
+                   help="take the class names and colours of this dataset; default: the export's, else Cityscapes'")
+    g.add_argument("--classes", default=None, help="JSON list of class names or {name, color} (overrides --dataset)")
     g.add_argument("--channel-order", choices=("BGR", "RGB"), default=None,
                    help="input channel order of the weights; default: the export's, else BGR (the original)")
     g.add_argument("--mean", type=float, nargs=3, default=None, help="per-channel mean; default as --channel-order")
@@ -163,16 +167,22 @@ def load_predictor(args: argparse.Namespace, device: torch.device) -> Predictor:
         model, arch = load_model(path, None, args.num_classes)
     if args.classes:
         meta = {**meta, **_read_classes_file(args.classes)}
+    elif args.dataset:
+        try:
+            info = dataset_info(args.dataset)
+        except DatasetError as exc:  # 'folder' reads its classes from its root's classes.json
+            raise PredictError(f"--dataset {args.dataset}: {exc}; pass --classes ROOT/classes.json instead") from None
+        meta = {**meta, "classes": [{"name": n, "color": [int(v) for v in c]}
+                                    for n, c in zip(info.class_names, info.colors)]}
     num_classes = int(meta.get("num_classes", len(meta["classes"]) if meta.get("classes") else args.num_classes))
     names, colors = _classes_from(meta, num_classes)
-    base = Normalization.from_dict(meta["normalization"]) if "normalization" in meta else ORIGINAL
-    if args.channel_order and args.channel_order != base.channel_order and args.mean is None:
-        raise PredictError(f"--channel-order {args.channel_order} differs from the weights' {base.channel_order}: "
+    base = from_dict(meta["normalization"]) if "normalization" in meta else ORIGINAL
+    if args.channel_order and args.channel_order != channel_order(base) and args.mean is None:
+        raise PredictError(f"--channel-order {args.channel_order} differs from the weights' {channel_order(base)}: "
                            f"give --mean (and --std) in {args.channel_order} order too")
     try:
-        normalization = Normalization(args.channel_order or base.channel_order,
-                                      tuple(args.mean) if args.mean else base.mean,
-                                      tuple(args.std) if args.std else base.std)
+        normalization = make(args.channel_order or channel_order(base), args.mean or base.mean,
+                             args.std or base.std)
     except ValueError as exc:
         raise PredictError(str(exc)) from None
     return Predictor(model.to(device).eval(), arch, normalization, names, colors, suffix == ".onnx")
@@ -253,8 +263,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     n_videos = sum(it.kind == "video" for it in items)
     print(f"predicting {len(items) - n_videos} images and {n_videos} videos with {args.restore_from} "
           f"({predictor.arch}), {args.mode} mode, amp {args.amp if amp else 'none'}, device {device}; input "
-          f"{predictor.normalization.describe()}", flush=True)
-    luts = predictor.normalization.luts()
+          f"{describe(predictor.normalization)}", flush=True)
+    luts = predictor.normalization.lut()
     sinks: dict[Path, VideoSink] = {}
     pending: list[Future] = []
     frames_done, start = 0, time.perf_counter()
@@ -262,7 +272,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with ThreadPoolExecutor(max_workers=2) as writers:
         try:
             for batch in _batches(prefetch(_frames(items, args), depth=2 * args.batch_size), args.batch_size):
-                x = torch.from_numpy(np.stack([predictor.normalization.apply(f, luts) for _, _, f in batch]))
+                x = torch.from_numpy(np.stack([apply(predictor.normalization, f, luts) for _, _, f in batch]))
                 pred = predict_logits(predictor.model, x.to(device), **protocol).argmax(dim=1)
                 ids_batch = pred.to(torch.uint8).cpu().numpy()
                 for (item, index, frame), ids in zip(batch, ids_batch):

@@ -26,7 +26,9 @@ import numpy as np
 import torch
 
 from cwdseg import checkpoint as ckpt
-from cwdseg.data import CityscapesDataset, DatasetError
+from cwdseg.cli.recipes import RECIPES
+from cwdseg.data import DatasetError
+from cwdseg.data.registry import DATASETS, build_dataset, dataset_info
 from cwdseg.data.cityscapes import build_loader
 from cwdseg.data.sampling import TrainSampleStream
 from cwdseg.engine.build import RANDOM, Engine, Models, build_criteria, build_engine, build_models, build_optimizers
@@ -75,8 +77,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     flag = dict(type=str2bool, nargs="?", const=True, metavar="True|False")
 
     g = p.add_argument_group("data")
-    g.add_argument("--data-dir", default=os.environ.get("CITYSCAPES", "data/cityscapes"),
-                   help="Cityscapes root (leftImg8bit/, gtFine/), from $CITYSCAPES when set")
+    g.add_argument("--dataset", default=os.environ.get("DATASET", "cityscapes"), choices=sorted(DATASETS),
+                   help="dataset layout and labels (from $DATASET when set)")
+    g.add_argument("--recipe", default=None, choices=sorted(RECIPES),
+                   help="per-dataset defaults (crop, batch, steps, lr, ...; see README); typed flags still win")
+    g.add_argument("--data-dir", default=None,
+                   help="dataset root; default $DATA_DIR, else $CITYSCAPES or data/cityscapes for cityscapes, "
+                        "data/<dataset> otherwise")
     g.add_argument("--data-list", default=None, help="train list file (image<TAB>label); none: scan the train split")
     g.add_argument("--data-listval", default=None, help="val list file; none: scan the val split")
     g.add_argument("--input-size", type=input_size, default=(512, 512), help="random crop H,W")
@@ -84,7 +91,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--random-scale", default=False, **flag, help="random scale 0.7..2.1 (off in the recipe)")
     g.add_argument("--cache-images", default=False, **flag, help="keep decoded training images in RAM")
     g.add_argument("--num-workers", type=int, default=4, help="data loader processes")
-    g.add_argument("--num_classes", "--num-classes", dest="num_classes", type=int, default=19)
+    g.add_argument("--num_classes", "--num-classes", dest="num_classes", type=int, default=None,
+                   help="classes of the networks; default: the dataset's (must agree when given)")
     g.add_argument("--ignore-label", type=int, default=255)
 
     g = p.add_argument_group("optimisation")
@@ -160,6 +168,25 @@ DEMO_SETTINGS: dict[str, Any] = dict(
 DEMO_DATASET = dict(n_train=24, n_val=6, n_test=4, size=(256, 512), seed=0)
 
 
+def default_data_dir(dataset: str) -> str:
+    """``$DATA_DIR``, else ``$CITYSCAPES`` or ``data/cityscapes`` for cityscapes, else ``data/<dataset>``."""
+    if os.environ.get("DATA_DIR"):
+        return os.environ["DATA_DIR"]
+    if dataset == "cityscapes":
+        return os.environ.get("CITYSCAPES", "data/cityscapes")
+    return f"data/{dataset}"
+
+
+def resolve_num_classes(args: argparse.Namespace) -> None:
+    """``--num-classes`` from the dataset (``folder``: its classes.json); a contradicting value is an error."""
+    info = dataset_info(args.dataset, args.data_dir)
+    if args.num_classes is None:
+        args.num_classes = info.num_classes
+    elif args.num_classes != info.num_classes:
+        raise DatasetError(f"--num-classes {args.num_classes} contradicts --dataset {args.dataset}, which has "
+                           f"{info.num_classes} classes ({', '.join(info.class_names[:5])}, ...); drop --num-classes")
+
+
 def format_number(x: float) -> str:
     return f"{x:g}"
 
@@ -167,7 +194,8 @@ def format_number(x: float) -> str:
 def default_run_name(args: argparse.Namespace) -> str:
     """Same shape as exp_cwd.sh's ``${KD}_${ADV}_${FEAT}_${NORM}_${DIVERGENCE}_${WEIGHT}_${TEMPERATURE}_${VERSION}``."""
     if args.demo:
-        return "demo" if args.cwd or args.kd or args.adv else "demo_baseline"
+        name = "demo" if args.cwd or args.kd or args.adv else "demo_baseline"
+        return name if args.dataset == "cityscapes" else f"{name}_{args.dataset}"  # one run folder per layout
     if not (args.cwd or args.kd or args.adv):
         return "baseline"
     version = "train"
@@ -179,10 +207,18 @@ def resolve_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = get_args_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    if args.recipe:
+        # The recipe's values become the defaults, so a flag typed on the command line still wins.
+        parser.set_defaults(**RECIPES[args.recipe])
+        args = parser.parse_args(argv)
     if args.demo:
         # The demo's values become the defaults, so a flag typed on the command line still wins.
         parser.set_defaults(**DEMO_SETTINGS)
         args = parser.parse_args(argv)
+    if args.data_dir is None:
+        args.data_dir = default_data_dir(args.dataset)
+    elif args.demo and args.data_dir == DEMO_SETTINGS["data_dir"] and args.dataset != "cityscapes":
+        args.data_dir = f"{DEMO_SETTINGS['data_dir']}_{args.dataset}"  # one synthetic root per layout
     if args.save_name is None:
         args.save_name = default_run_name(args)
     errors = []
@@ -234,13 +270,21 @@ def per_rank_batch(args: argparse.Namespace, info: DistInfo) -> int:
 
 def prepare_demo_data(args: argparse.Namespace, info: DistInfo) -> None:
     root = Path(args.data_dir)
-    if (root / "leftImg8bit").is_dir():
+    if args.dataset == "cityscapes" and (root / "leftImg8bit").is_dir():
+        return
+    if args.dataset != "cityscapes" and (root / "synthetic.json").is_file():
         return
     if info.is_main:
-        from cwdseg.data.synthetic import generate
+        if args.dataset == "cityscapes":
+            from cwdseg.data.synthetic import generate
 
-        print(f"demo: generating the synthetic Cityscapes-format dataset in {root}", flush=True)
-        generate(root, **DEMO_DATASET)
+            print(f"demo: generating the synthetic Cityscapes-format dataset in {root}", flush=True)
+            generate(root, **DEMO_DATASET)
+        else:
+            from cwdseg.data.synthetic_zoo import generate_dataset
+
+            print(f"demo: generating a synthetic {args.dataset} dataset in its official layout in {root}", flush=True)
+            generate_dataset(args.dataset, root, n_train=24, n_val=6, n_test=4, seed=0)
     barrier()
 
 
@@ -265,8 +309,8 @@ def write_config(args: argparse.Namespace, info: DistInfo, run_dir: Path, per_ra
 
 
 def build_train_loader(args: argparse.Namespace, info: DistInfo, per_rank: int, start_step: int):
-    train_set = CityscapesDataset(
-        args.data_dir, "train", list_path=args.data_list, crop_size=args.input_size,
+    train_set = build_dataset(
+        args.dataset, args.data_dir, "train", args.data_list, crop_size=args.input_size,
         random_scale=args.random_scale, random_mirror=args.random_mirror, ignore_label=args.ignore_label,
         cache_images=args.cache_images, verbose=info.is_main,
     )
@@ -297,7 +341,7 @@ class Validation:
     def run(self, models: Models, engine: Engine, step: int, tag: str) -> dict:
         if self.loader is None:
             val_set = build_eval_dataset(self.args.data_dir, "val", self.args.data_listval,
-                                         ignore_label=self.args.ignore_label)
+                                         ignore_label=self.args.ignore_label, dataset=self.args.dataset)
             self.loader = build_eval_loader(val_set, batch_size=1, num_workers=min(self.args.num_workers, 2))
         metrics = evaluate_model(models.student_module, self.loader, num_classes=self.args.num_classes,
                                  device=engine.device, amp=self.args.amp, progress=sys.stdout.isatty())
@@ -366,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(args.save_dir) / args.save_name
     if args.demo:
         prepare_demo_data(args, info)
+    resolve_num_classes(args)
     seed_everything(args.seed, args.deterministic, info.device)
     per_rank = per_rank_batch(args, info)
     if info.is_main:

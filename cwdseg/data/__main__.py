@@ -1,8 +1,10 @@
-"""Check a Cityscapes root: ``python -m cwdseg.data --data-dir ROOT [--split train val test] [--check N]``.
+"""Check a dataset root: ``python -m cwdseg.data [--dataset NAME] --data-dir ROOT [--split ...] [--check N]``.
 
-Prints the image count of each split (2975 / 500 / 1525 for the full dataset) and decodes the first N
-samples of each (all with ``--check -1``), so that a broken download fails here with the file named
-instead of hours into training.
+Prints the image count of each split (Cityscapes 2975 / 500 / 1525, pascal_voc 10582 / 1449, ade20k
+20210 / 2000, camvid 367 / 101 / 233) and decodes the first N samples of each (all with ``--check -1``),
+so that a broken download fails here with the file named instead of hours into training. For the
+datasets other than Cityscapes a count that differs from the official one is an error (exit status 1),
+except in a synthetic copy (``synthetic.json``).
 """
 from __future__ import annotations
 
@@ -10,21 +12,30 @@ import argparse
 import sys
 import time
 
+from pathlib import Path
+
 from cwdseg.data.cityscapes import CityscapesDataset, DatasetError
+from cwdseg.data.registry import DATASETS, build_dataset, dataset_info
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Count and check the splits of a Cityscapes root.")
-    parser.add_argument("--data-dir", required=True, help="folder holding leftImg8bit/ and gtFine/")
-    parser.add_argument("--split", nargs="+", default=["train", "val", "test"], help="splits (default: %(default)s)")
+    parser = argparse.ArgumentParser(description="Count and check the splits of a dataset root.")
+    parser.add_argument("--dataset", default="cityscapes", choices=sorted(DATASETS),
+                        help="layout of the root (default: %(default)s)")
+    parser.add_argument("--data-dir", required=True, help="dataset root (cityscapes: holds leftImg8bit/ and gtFine/)")
+    parser.add_argument("--split", nargs="+", default=None,
+                        help="splits (default: cityscapes train val test; else the dataset's official splits)")
     parser.add_argument("--data-list", default=None, help="list file instead of scanning (one split only)")
     parser.add_argument("--label-type", default="labelIds", choices=["labelIds", "labelTrainIds"],
                         help="label files to read (default: %(default)s)")
     parser.add_argument("--check", type=int, default=8,
                         help="samples to decode per split, -1 = all (default: %(default)s)")
     args = parser.parse_args(argv)
-    if args.data_list and len(args.split) != 1:
+    if args.data_list and (args.split is None or len(args.split) != 1):
         parser.error("--data-list goes with exactly one --split")
+    if args.dataset != "cityscapes":
+        return _check_other(args)
+    args.split = args.split or ["train", "val", "test"]
     try:
         for split in args.split:
             ds = CityscapesDataset(args.data_dir, split, list_path=args.data_list, crop_size=None,
@@ -37,6 +48,42 @@ def main(argv: list[str] | None = None) -> int:
     except DatasetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _check_other(args: argparse.Namespace) -> int:
+    """Counts against the official numbers and decoding, for the registry's non-Cityscapes datasets."""
+    differs = []
+    try:
+        info = dataset_info(args.dataset, args.data_dir)
+        splits = args.split or list(info.counts) or ["train", "val"]
+        synthetic = any((p / "synthetic.json").is_file() for p in (Path(args.data_dir), Path(args.data_dir).parent))
+        for split in splits:
+            ds = build_dataset(args.dataset, args.data_dir, split, args.data_list, crop_size=None)
+            expected = info.counts.get(split)
+            if expected is None or args.data_list:
+                verdict = "no official count" if expected is None else f"list file; the official split has {expected}"
+            elif len(ds) == expected:
+                verdict = f"= official {expected}"
+            elif synthetic:
+                verdict = f"synthetic copy (official {expected})"
+            else:
+                verdict = f"DIFFERS from the official {expected}"
+                differs.append(f"{split}: {len(ds)} != {expected}")
+            print(f"  {split}: {len(ds)} images ({verdict})")
+            count = len(ds) if args.check < 0 else min(args.check, len(ds))
+            start = time.perf_counter()
+            for index in range(count):
+                ds[index]
+            print(f"  decoded {count} samples without error ({time.perf_counter() - start:.1f} s)")
+    except DatasetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if differs:
+        print(f"error: {args.dataset} split counts differ from the official release ({'; '.join(differs)}): "
+              "a partial download or unpack?", file=sys.stderr)
+        return 1
+    print(f"{args.dataset}: {info.num_classes} classes ({info.label_description})")
     return 0
 
 

@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cwdseg.data.labels import IGNORE_LABEL, LABEL_ID_TO_TRAIN_ID, MAX_LABEL_ID, NUM_CLASSES
-from cwdseg.data.transforms import IMG_MEAN_BGR, mean_subtraction_lut, preprocess
+from cwdseg.data.transforms import CAFFE_BGR, IMG_MEAN_BGR, Normalization, preprocess
 
 __all__ = [
     "IMG_MEAN_BGR", "DatasetError", "Sample", "read_list_file", "scan_split", "read_image", "read_label",
@@ -356,7 +356,7 @@ class CityscapesDataset(Dataset):
     """Cityscapes images with trainId labels, preprocessed exactly as the original CWD code.
 
     ``dataset[i]`` or ``dataset[(i, seed)]`` returns ``(image, label, name)``: image float32 [3, H, W]
-    (BGR minus ``IMG_MEAN_BGR``, padding 0.0), label uint8 [H, W] of trainIds with ``ignore_label``
+    (by default BGR minus ``IMG_MEAN_BGR``, as the original; see ``normalization``; padding 0.0), label uint8 [H, W] of trainIds with ``ignore_label``
     (all ``ignore_label`` for an unlabelled test image), and the sample name. With a seed, every random
     choice (scale, crop offset, mirror) draws from ``np.random.default_rng(seed)``, so a key gives the same
     sample in any process. With a plain index, the seed is drawn from torch's global generator, which
@@ -377,6 +377,7 @@ class CityscapesDataset(Dataset):
         label_type: str = "labelIds",
         verbose: bool = True,
         cache_threads: int | None = None,
+        normalization: Normalization = CAFFE_BGR,
     ) -> None:
         if crop_size is not None:
             if len(crop_size) != 2 or any(int(c) != c or c < 1 for c in crop_size):
@@ -405,7 +406,8 @@ class CityscapesDataset(Dataset):
             if label_type == "labelTrainIds":
                 self.samples = _to_train_id_files(self.samples, str(list_path))
             source = f"list {list_path}"
-        self._mean_lut = mean_subtraction_lut(IMG_MEAN_BGR)
+        self.normalization = normalization  # the weights' input convention (default: the original's)
+        self._mean_lut = normalization.lut()
         self._luts = {train_ids: _label_lut(train_ids, ignore_label) for train_ids in (False, True)}
         self._cache: _DecodedCache | None = None
         if cache_images:
@@ -460,7 +462,7 @@ class CityscapesDataset(Dataset):
         rng = np.random.default_rng(seed) if needs_rng else None
         image, label, lut = self.load_raw(index)
         image, label = preprocess(image, label, rng, self.crop_size, self.random_scale, self.random_mirror,
-                                  lut, self.ignore_label, self._mean_lut)
+                                  lut, self.ignore_label, self._mean_lut, self.normalization.rgb)
         return torch.from_numpy(image), torch.from_numpy(label), self.samples[index].name
 
 

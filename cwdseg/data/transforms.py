@@ -27,6 +27,8 @@ Random draws, in this order, all from one ``numpy.random.Generator``: scale step
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import cv2
 import numpy as np
 
@@ -59,6 +61,42 @@ def mean_subtraction_lut(mean_bgr: tuple[float, float, float] = IMG_MEAN_BGR) ->
 _DEFAULT_MEAN_LUT = mean_subtraction_lut()
 
 
+@dataclass(frozen=True)
+class Normalization:
+    """How a family of weights expects its input: channel order, then ``(v - mean) / std`` per channel.
+
+    ``mean`` and ``std`` are in 0..255 units and in the *network's* channel order (RGB when ``rgb``).
+    The normalisation belongs to the weights, not to the dataset: the original's files expect BGR minus
+    the Caffe mean and no std (:data:`CAFFE_BGR`); ImageNet-normalised RGB weights expect
+    :data:`IMAGENET_RGB`. With ``std == 1`` the table is exactly the original's float64 subtraction.
+    """
+
+    name: str
+    rgb: bool
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+
+    def lut(self) -> np.ndarray:
+        """(3, 256) float32 tables in the network's channel order: ``float32((float64(v) - mean) / std)``."""
+        values = np.arange(256, dtype=np.float64)
+        lut = np.stack([((values - np.float64(m)) / np.float64(s)).astype(np.float32)
+                        for m, s in zip(self.mean, self.std)])
+        lut.setflags(write=False)
+        return lut
+
+    def to_bgr_uint8(self, image: np.ndarray) -> np.ndarray:
+        """The uint8 BGR picture (H, W, 3) behind a network input (3, H, W) in this normalisation."""
+        planes = image.transpose(1, 2, 0) * np.asarray(self.std, np.float32) + np.asarray(self.mean, np.float32)
+        if self.rgb:
+            planes = planes[..., ::-1]
+        return np.clip(np.rint(planes), 0, 255).astype(np.uint8)
+
+
+CAFFE_BGR = Normalization("caffe_bgr", rgb=False, mean=IMG_MEAN_BGR)
+IMAGENET_RGB = Normalization("imagenet_rgb", rgb=True, mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375))
+NORMALIZATIONS: dict[str, Normalization] = {n.name: n for n in (CAFFE_BGR, IMAGENET_RGB)}
+
+
 def random_scale_pair(
     image: np.ndarray, label: np.ndarray | None, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -80,6 +118,7 @@ def preprocess(
     label_lut: np.ndarray | None = None,
     ignore_label: int = IGNORE_LABEL,
     mean_lut: np.ndarray = _DEFAULT_MEAN_LUT,
+    rgb: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Augment, crop and normalise one sample; the original's output, computed cheaply.
 
@@ -91,10 +130,12 @@ def preprocess(
         random_scale, random_mirror: the original's optional augmentations.
         label_lut: (256,) uint8 table applied to label values (e.g. labelId -> trainId); None = identity.
         ignore_label: label value of padded pixels.
-        mean_lut: (3, 256) float32 from ``mean_subtraction_lut``.
+        mean_lut: (3, 256) float32 from ``mean_subtraction_lut`` or ``Normalization.lut()``, in the
+            network's channel order.
+        rgb: output channels in RGB order (the input is BGR as decoded by OpenCV); False = BGR, the original.
 
     Returns:
-        image (3, h, w) float32 C-contiguous (BGR minus mean, padding 0.0) and label (h, w) uint8.
+        image (3, h, w) float32 C-contiguous (normalised, padding 0.0) and label (h, w) uint8.
     """
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected a (H, W, 3) uint8 BGR image, got {image.dtype} {image.shape}")
@@ -131,7 +172,10 @@ def preprocess(
 
     padded = rows < crop_h or cols < crop_w
     out = np.zeros((3, crop_h, crop_w), np.float32) if padded else np.empty((3, crop_h, crop_w), np.float32)
-    for channel, plane in enumerate(cv2.split(content)):
+    planes = cv2.split(content)
+    if rgb:
+        planes = planes[::-1]
+    for channel, plane in enumerate(planes):
         table = mean_lut[channel].reshape(256, 1)
         if padded:
             out[channel, :rows, col0:col0 + cols] = cv2.LUT(plane, table)

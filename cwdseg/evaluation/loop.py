@@ -15,7 +15,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from cwdseg.checkpoint import infer_arch, load_state_dict_file, load_student, load_teacher
-from cwdseg.data import CityscapesDataset, build_loader
+from cwdseg.data import build_loader
+from cwdseg.data.registry import build_dataset
 from cwdseg.data.labels import CLASS_NAMES, NUM_CLASSES
 from cwdseg.engine.precision import amp_dtype
 from cwdseg.evaluation.inference import parse_overlap, predict_logits, tile_stride
@@ -61,16 +62,25 @@ def load_model(path: str | Path, arch: str | None = None, num_classes: int = NUM
 
 
 def build_eval_dataset(data_dir: str | Path, split: str = "val", data_list: str | None = None,
-                       max_images: int | None = None, ignore_label: int = 255) -> Dataset:
-    """The full-resolution (no crop) Cityscapes split, optionally only its first ``max_images`` images.
+                       max_images: int | None = None, ignore_label: int = 255, dataset: str = "cityscapes",
+                       short_side: int | None = None) -> Dataset:
+    """The full-resolution (no crop) split of ``dataset`` (a ``cwdseg.data.registry`` name), optionally
+    only its first ``max_images`` images.
 
-    Returns a ``CityscapesDataset`` (or a ``Subset`` of one) with a ``samples`` attribute listing the
-    images it yields, in order.
+    Returns the dataset (``CityscapesDataset`` for cityscapes) or a ``Subset`` of it, with a ``samples``
+    attribute listing the images it yields, in order. ``short_side``: resize each image so that its short
+    side is ``short_side`` (mmsegmentation's ADE20K/VOC test resize; not for cityscapes); labels stay at
+    full resolution and the loop resizes the logits back to them.
     """
     if split not in SPLITS:
         raise EvaluationError(f"split must be one of {SPLITS}, got {split!r}")
-    dataset = CityscapesDataset(str(data_dir), split=split, list_path=data_list, crop_size=None,
-                                ignore_label=ignore_label)
+    name = dataset
+    extra = {}
+    if short_side is not None:
+        if name == "cityscapes":
+            raise EvaluationError("--short-side is for the other datasets; Cityscapes is evaluated at 1024x2048")
+        extra["eval_short_side"] = short_side
+    dataset = build_dataset(name, str(data_dir), split, data_list, crop_size=None, ignore_label=ignore_label, **extra)
     if len(dataset) == 0:
         raise EvaluationError(f"the {split} split of {data_dir} has no images"
                               + (f" (list {data_list})" if data_list else "") + "; check --data-dir / --data-list")
@@ -80,6 +90,9 @@ def build_eval_dataset(data_dir: str | Path, split: str = "val", data_list: str 
         if max_images < len(dataset):
             subset = torch.utils.data.Subset(dataset, range(max_images))
             subset.samples = dataset.samples[:max_images]  # type: ignore[attr-defined]
+            if hasattr(dataset, "info"):
+                subset.info = dataset.info  # type: ignore[attr-defined]
+                subset.eval_short_side = dataset.eval_short_side  # type: ignore[attr-defined]
             return subset
     return dataset
 
@@ -110,6 +123,7 @@ def evaluate_model(
     split: str = "val",
     progress: bool = True,
     tile_batch: int = 6,
+    info=None,
 ) -> dict[str, Any]:
     """Predict every batch ``(image, label, name)`` of ``loader`` and score it; returns the results dict.
 
@@ -119,7 +133,14 @@ def evaluate_model(
     dummies, so no metrics are computed (``miou`` etc. are None). With ``save_dir`` the prediction PNGs
     are written (see :func:`cwdseg.evaluation.writers.write_predictions`) and, for test,
     ``submission.zip``; ``results.json`` is left to the caller. Scores are fractions in [0, 1].
+    ``info`` (a :class:`cwdseg.data.info.DatasetInfo`; default: the loader's dataset's, else Cityscapes)
+    gives the class names of the results and the colours of the pictures.
     """
+    if info is None:
+        info = getattr(getattr(loader, "dataset", None), "info", None)
+    if info is not None and info.num_classes != num_classes:
+        raise EvaluationError(f"{info.name} has {info.num_classes} classes but num_classes={num_classes}; "
+                              f"pass --num-classes {info.num_classes} (or leave it out)")
     if split not in SPLITS:
         raise EvaluationError(f"split must be one of {SPLITS}, got {split!r}")
     if mode not in ("whole", "sliding"):
@@ -128,13 +149,20 @@ def evaluate_model(
     protocol = dict(mode=mode, tile=tuple(tile), overlap=parse_overlap(overlap), scales=tuple(scales), flip=flip,
                     num_classes=num_classes, tile_batch=tile_batch, amp_dtype=_as_amp_dtype(amp, device))
     save_path = Path(save_dir).resolve() if save_dir is not None else None
+    short_side = getattr(loader.dataset, "eval_short_side", None)
     conf, label_pngs, num_images, seconds = _predict_split(model.to(device), loader, protocol, device, save_path,
-                                                           split, progress)
-    return _report(conf, label_pngs, num_images, seconds, protocol, save_path, split, device, loader.batch_size)
+                                                           split, progress, info, short_side is not None)
+    results = _report(conf, label_pngs, num_images, seconds, protocol, save_path, split, device, loader.batch_size,
+                      None if info is None else list(info.class_names))
+    if info is not None:
+        results["dataset"] = info.name
+    if short_side is not None:
+        results["settings"]["short_side"] = short_side
+    return results
 
 
 def _predict_split(model: nn.Module, loader: DataLoader, protocol: dict, device: torch.device,
-                   save_path: Path | None, split: str, progress: bool):
+                   save_path: Path | None, split: str, progress: bool, info=None, to_label_size: bool = False):
     """The loop: predict, accumulate the confusion matrix, write PNGs. Returns what the report needs."""
     conf = ConfusionMatrix(protocol["num_classes"])
     label_pngs: list[Path] = []
@@ -148,14 +176,19 @@ def _predict_split(model: nn.Module, loader: DataLoader, protocol: dict, device:
         for batch in loader:
             image, label, names = batch[0], batch[1], batch[2]
             image = image.to(device, non_blocking=True)
-            pred = predict_logits(model, image, **protocol).argmax(dim=1)  # only the [N,H,W] ids leave the device
+            logits = predict_logits(model, image, **protocol)
+            if to_label_size:  # resized inputs: scored at the labels' full resolution (mmsegmentation's order)
+                logits = torch.nn.functional.interpolate(logits, size=tuple(label.shape[-2:]), mode="bilinear",
+                                                         align_corners=False)
+            pred = logits.argmax(dim=1)  # only the [N,H,W] ids leave the device
             if split != "test":
                 if tuple(label.shape) != tuple(pred.shape):
                     raise EvaluationError(f"label of {names[0]} is {tuple(label.shape)[1:]} but the image gives "
                                           f"{tuple(pred.shape)[1:]}; labels must be at full image resolution")
                 conf.update(pred, label.to(device, non_blocking=True))
             if save_path is not None:
-                label_pngs += write_predictions(pred, names, save_path, split, images=batch[0], labels=label)
+                label_pngs += write_predictions(pred, names, save_path, split, images=batch[0], labels=label,
+                                                info=info)
             num_images += image.shape[0]
             bar.update(image.shape[0])
             bar.set_postfix(img_per_s=f"{num_images / (time.perf_counter() - start):.2f}")
@@ -170,14 +203,16 @@ def _predict_split(model: nn.Module, loader: DataLoader, protocol: dict, device:
 
 
 def _report(conf: ConfusionMatrix, label_pngs: list[Path], num_images: int, seconds: float, protocol: dict,
-            save_path: Path | None, split: str, device: torch.device, batch_size: int | None) -> dict[str, Any]:
+            save_path: Path | None, split: str, device: torch.device, batch_size: int | None,
+            class_names: list[str] | None = None) -> dict[str, Any]:
     """The results dict: metrics (none on test), the protocol's settings, timing, and where outputs went."""
     num_classes = protocol["num_classes"]
     if split == "test":
         metrics: dict[str, Any] = {k: None for k in ("miou", "pixel_accuracy", "mean_accuracy", "iou",
                                                       "per_class_iou", "present", "confusion_matrix")}
     else:
-        class_names = list(CLASS_NAMES) if num_classes == NUM_CLASSES else [str(i) for i in range(num_classes)]
+        if class_names is None:
+            class_names = list(CLASS_NAMES) if num_classes == NUM_CLASSES else [str(i) for i in range(num_classes)]
         metrics = iou_from_confusion(conf.value(), class_names)
     outputs = None
     if save_path is not None:

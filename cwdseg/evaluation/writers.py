@@ -17,23 +17,30 @@ SUBMISSION_ZIP = "submission.zip"
 
 
 def write_predictions(pred: torch.Tensor, names: Sequence[str], save_dir: Path, split: str,
-                      images: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> list[Path]:
+                      images: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                      info=None) -> list[Path]:
     """Write one batch of trainId maps ``[N, H, W]``; returns the labelId PNG paths.
+
+    ``info`` (a :class:`cwdseg.data.info.DatasetInfo`, default Cityscapes) gives the colours, and the
+    class -> label-file table of ``labelIds/`` (for VOC the class values, for ADE20K class + 1, ...).
 
     val: ``color/<name>_color.png``, ``trainIds/<name>_trainIds.png``, ``labelIds/<name>_leftImg8bit.png``
     and, given the network inputs and labels, ``panels/<name>.jpg`` (image | ground truth | prediction |
     errors, half size); test: ``labelIds/<name>_leftImg8bit.png`` only (the server's naming).
     """
     maps = pred.to(torch.uint8).cpu().numpy()
+    colors = None if info is None else info.colors
+    to_file = None if info is None else info.class_to_file()
     written = []
     for i, (train_ids, name) in enumerate(zip(maps, names)):
         if split != "test":
-            save_color_png(save_dir / COLOR_DIR / f"{name}_color.png", train_ids)
+            save_color_png(save_dir / COLOR_DIR / f"{name}_color.png", train_ids, colors)
             save_train_id_png(save_dir / TRAIN_ID_DIR / f"{name}_trainIds.png", train_ids)
             if images is not None and labels is not None:
                 save_panel(save_dir / PANEL_DIR / f"{name}.jpg", image_from_network_input(images[i], IMG_MEAN_BGR),
-                           labels[i], train_ids)
-        written.append(save_label_id_png(save_dir / LABEL_ID_DIR / f"{name}_leftImg8bit.png", train_ids))
+                           labels[i], train_ids, colors=colors)
+        suffix = "_leftImg8bit.png" if info is None or info.name == "cityscapes" else ".png"  # the server's naming
+        written.append(save_label_id_png(save_dir / LABEL_ID_DIR / f"{name}{suffix}", train_ids, to_file))
     return written
 
 

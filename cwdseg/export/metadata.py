@@ -20,7 +20,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from cwdseg.data.labels import CLASS_NAMES, TRAIN_ID_COLORS
-from cwdseg.export.normalization import Normalization
+from cwdseg.data.transforms import Normalization
+from cwdseg.export.normalization import to_dict
 
 FINAL, BEST_VAL = "final-iteration", "best-val (chosen on the val set: optimistic)"
 SELECTIONS = ("final", "best-val")
@@ -139,7 +140,7 @@ def build_metadata(arch: str, num_classes: int, source: ExportSource, normalizat
         "arch": arch,
         "num_classes": num_classes,
         "classes": classes,
-        "normalization": normalization.to_dict(),
+        "normalization": to_dict(normalization),
         "output": "logits [N, num_classes, h, w] at the network's output stride (PSPNet: 65x65 for 512x512); upsample "
                   "bilinearly (align_corners=True) to the image size and take the argmax over classes",
         "selection": source.selection,

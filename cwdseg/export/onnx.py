@@ -6,7 +6,7 @@ sliding-window inference (:func:`cwdseg.evaluation.inference.predict_logits`) ca
 exactly as on the PyTorch model. The input ``image`` is ``[N, 3, H, W]`` float32, either
 
 * **normalised** (default): the network's own input, e.g. BGR minus the mean for the CWD weights
-  (:class:`cwdseg.export.normalization.Normalization`, recorded in the file's metadata as JSON under
+  (:class:`cwdseg.data.transforms.Normalization`, recorded in the file's metadata as JSON under
   ``cwdseg.normalization``), or
 * **raw** (``fold_normalization=True``): 0..255 values in the network's channel order; the graph
   subtracts the mean and divides by the std itself (metadata ``cwdseg.input = raw``).
@@ -34,7 +34,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from cwdseg.export.normalization import ORIGINAL, Normalization
+from cwdseg.data.transforms import Normalization
+from cwdseg.export.normalization import ORIGINAL, apply, from_dict, to_dict
 from cwdseg.models.summary import unwrap_model
 
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
@@ -131,7 +132,7 @@ def export_onnx(model: nn.Module, path: str | Path, normalization: Normalization
     import onnx
 
     proto = onnx.load(str(path))
-    props = {"normalization": normalization.to_dict(), "input": "raw" if fold_normalization else "normalised",
+    props = {"normalization": to_dict(normalization), "input": "raw" if fold_normalization else "normalised",
              **(metadata or {})}
     for key, value in props.items():
         entry = proto.metadata_props.add()
@@ -197,18 +198,18 @@ def compare_with_onnxruntime(model: nn.Module, path: str | Path, sizes: Sequence
     """
     sess = _session(path)
     meta = read_onnx_metadata(path)
-    norm = normalization or Normalization.from_dict(meta.get("normalization", ORIGINAL.to_dict()))
+    norm = normalization or from_dict(meta.get("normalization", to_dict(ORIGINAL)))
     raw = meta.get("input") == "raw"
     reference = LogitsOnly(copy.deepcopy(model).cpu().eval()).eval()
     rng = np.random.default_rng(seed)
     diffs = {}
     for h, w in sizes:
         pixels = rng.integers(0, 256, size=(batch, h, w, 3), dtype=np.uint8)  # BGR, as OpenCV decodes
-        normalised = np.stack([norm.apply(p) for p in pixels])
+        normalised = np.stack([apply(norm, p) for p in pixels])
         feed = normalised
         if raw:
             ordered = pixels.transpose(0, 3, 1, 2)
-            feed = (ordered[:, ::-1] if norm.channel_order == "RGB" else ordered).astype(np.float32)
+            feed = (ordered[:, ::-1] if norm.rgb else ordered).astype(np.float32)
         got = sess.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(feed)})[0]
         with torch.no_grad():
             want = reference(torch.from_numpy(normalised)).numpy()
@@ -228,7 +229,7 @@ class OnnxSegmenter(nn.Module):
         self.path = Path(path)
         self.session = _session(self.path, device)
         self.metadata = read_onnx_metadata(self.path)
-        self.normalization = Normalization.from_dict(self.metadata.get("normalization", ORIGINAL.to_dict()))
+        self.normalization = from_dict(self.metadata.get("normalization", to_dict(ORIGINAL)))
         self.raw_input = self.metadata.get("input") == "raw"
         mean = torch.tensor(self.normalization.mean).view(1, 3, 1, 1)
         std = torch.tensor(self.normalization.std).view(1, 3, 1, 1)

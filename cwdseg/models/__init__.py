@@ -16,8 +16,10 @@ MODEL_BUILDERS: dict[str, Callable[..., PSPNet]] = {
     "resnet101": pspnet_resnet101,
 }
 
-# Channels of the PSP feature (third output of forward), what the feature-map CWD term compares.
+# Channels of the head feature (third output of forward: the map before the classifier), what the
+# feature-map distillation terms compare. Every architecture returns (logits, aux_logits, head_feature).
 PSP_FEATURE_CHANNELS: dict[str, int] = {"resnet18": 128, "resnet101": 512}
+FEATURE_CHANNELS = PSP_FEATURE_CHANNELS
 
 
 def build_model(arch: str, num_classes: int = 19) -> nn.Module:
@@ -42,6 +44,6 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "MODEL_BUILDERS", "PSP_FEATURE_CHANNELS", "PSPNet", "build_model", "pspnet_resnet18", "pspnet_resnet101",
+    "MODEL_BUILDERS", "PSP_FEATURE_CHANNELS", "FEATURE_CHANNELS", "PSPNet", "build_model", "pspnet_resnet18", "pspnet_resnet101",
     "Discriminator", "FeatureConnector",
 ]

@@ -13,17 +13,21 @@ It scores a whole 19-channel logit map: the teacher's maps are "real", the stude
     SelfAttention(512)                                attn2
     Conv(512->1, k4)                                  last     4 -> 1
 
+Spectral norm is :class:`cwdseg.models.spectral_norm.SpectralNorm`, which reproduces the original's
+(power-iteration order, one iteration per forward, the u, v of the last forward shared by the backward
+passes of one step, the state_dict keys ``lK.0.module.weight_bar`` / ``weight_u`` / ``weight_v`` /
+``bias``): an original ``*_D.pth`` loads strictly. Its module docstring lists what differs (u, v as
+buffers; no iteration in eval mode).
+
 Departures from the original (for the README):
 
-* Spectral norm is ``torch.nn.utils.parametrizations.spectral_norm`` (one power iteration per
-  forward *in train mode*; the stored u, v are used unchanged in eval mode) instead of the original
-  custom module, which also iterated in eval mode. Key names differ accordingly
-  (``l1.0.parametrizations.weight.original`` / ``...weight.0._u`` / ``._v`` instead of
-  ``l1.0.module.weight_bar`` / ``weight_u`` / ``weight_v``); :func:`convert_original_state_dict`
-  maps an original ``*_D.pth`` file.
-* ``forward`` returns the scores as a [N] vector (the original returned ``[out [N,1,1,1], attn1,
-  attn2]``). For inputs larger than 65x65 the final map has more than one position and the score
-  is its mean (the original's ``-mean`` over the WGAN terms averaged them the same way).
+* ``forward`` returns the scores as a [N] vector, the mean of each sample's output map (the original
+  returned ``[out [N,1,h,w], attn1, attn2]``); :meth:`Discriminator.output_map` returns the map
+  itself. The map is 1x1 for inputs up to 79x79 (crops up to 630 px; 65x65 for the recipe's 512),
+  2x2 from 80x80, 3x3 at 96x96 / 97x97 (a 769 crop), 1x5 at 65x129 (a 512x1024 crop). The WGAN
+  terms' mean over samples of per-sample means equals the original's mean over the whole map; the
+  gradient penalty, which differentiates the *sum* of the map, uses the map
+  (``cwdseg.distill.adversarial.gradient_penalty``).
 * The forward runs in float32 with autocast disabled, whatever the caller's precision: the
   gradient penalty's double backward through attention and spectral norm is fragile in bf16/fp16,
   and D is tiny next to the segmentation networks.
@@ -32,7 +36,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils.parametrizations import spectral_norm
+
+from cwdseg.models.spectral_norm import SpectralNorm
 
 # Four stride-2 convs (k4, p1) halve the side (floor), then a 4x4 valid conv: the side must be >= 64.
 MIN_INPUT_SIZE = 64
@@ -65,7 +70,7 @@ class SelfAttention(nn.Module):
 
 
 def _sn_block(in_ch: int, out_ch: int) -> nn.Sequential:
-    return nn.Sequential(spectral_norm(nn.Conv2d(in_ch, out_ch, 4, 2, 1)), nn.LeakyReLU(0.1))
+    return nn.Sequential(SpectralNorm(nn.Conv2d(in_ch, out_ch, 4, 2, 1)), nn.LeakyReLU(0.1))
 
 
 class Discriminator(nn.Module):
@@ -77,7 +82,8 @@ class Discriminator(nn.Module):
         image_size: the side of the maps the critic is meant for (65 for a 512 crop); checked to be
             >= 64, recorded in ``repr``. Inputs of any size >= 64 are accepted.
 
-    ``forward(x) -> Tensor [N]``: one score per sample, float32.
+    ``forward(x) -> Tensor [N]``: one score per sample (the mean of its output map), float32.
+    ``output_map(x) -> Tensor [N, 1, h, w]``: the output map itself, what the gradient penalty uses.
     """
 
     def __init__(self, in_channels: int = 19, conv_dim: int = 64, image_size: int = 65) -> None:
@@ -103,7 +109,9 @@ class Discriminator(nn.Module):
     def extra_repr(self) -> str:
         return f"in_channels={self.in_channels}, conv_dim={self.conv_dim}, image_size={self.image_size}"
 
-    def forward(self, x: Tensor) -> Tensor:
+    def output_map(self, x: Tensor) -> Tensor:
+        """The critic's output map [N, 1, h, w] in float32 (the original's ``out``: 1x1 for inputs up to
+        79x79, 3x3 for 97x97). The gradient penalty differentiates its sum, as the original does."""
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"Discriminator expects [N, {self.in_channels}, H, W] maps; got shape {tuple(x.shape)}")
         if min(x.shape[2], x.shape[3]) < MIN_INPUT_SIZE:
@@ -116,32 +124,42 @@ class Discriminator(nn.Module):
             out = self.l3(self.l2(self.l1(out)))
             out = self.attn1(out)
             out = self.attn2(self.l4(out))
-            out = self.last(out)
-            return out.flatten(1).mean(dim=1)
+            return self.last(out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Scores [N]: the mean of each sample's output map (the WGAN terms average the map the same way)."""
+        return self.output_map(x).flatten(1).mean(dim=1)
+
+
+# The key layout this project wrote before it had its own spectral norm (PyTorch's parametrization),
+# mapped to the original's, which is ours.
+_PARAMETRIZATION_KEYS = {
+    "parametrizations.weight.original": "module.weight_bar",
+    "parametrizations.weight.0._u": "module.weight_u",
+    "parametrizations.weight.0._v": "module.weight_v",
+}
 
 
 def convert_original_state_dict(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Map an original ``city_*_D.pth`` state_dict (custom ``SpectralNorm`` wrapper) to this layout.
+    """A discriminator state_dict in the layout of :class:`Discriminator`, which is the original's.
 
-    ``lK.0.module.weight_bar`` -> ``lK.0.parametrizations.weight.original``,
-    ``lK.0.module.weight_u`` / ``weight_v`` -> ``lK.0.parametrizations.weight.0._u`` / ``._v``,
-    ``lK.0.module.bias`` -> ``lK.0.bias``; every other key is unchanged. Raises ``KeyError`` naming a
-    key with the ``module.`` wrapper that it does not know.
+    An original ``city_*_D.pth`` needs no conversion and is returned unchanged (as a new dict); it
+    loads with ``load_state_dict(..., strict=True)``. A file written by earlier versions of this
+    project (PyTorch's spectral-norm parametrization: ``lK.0.parametrizations.weight.original`` /
+    ``...weight.0._u`` / ``._v`` and ``lK.0.bias``) is renamed to ``lK.0.module.weight_bar`` /
+    ``weight_u`` / ``weight_v`` / ``bias``. Raises ``KeyError`` naming a parametrization key it does
+    not know.
     """
-    renames = {
-        "module.weight_bar": "parametrizations.weight.original",
-        "module.weight_u": "parametrizations.weight.0._u",
-        "module.weight_v": "parametrizations.weight.0._v",
-        "module.bias": "bias",
-    }
+    legacy_layers = {key.partition(".0.parametrizations.")[0] for key in state_dict if ".0.parametrizations." in key}
     out: dict[str, Tensor] = {}
     for key, value in state_dict.items():
-        prefix, sep, rest = key.partition(".0.module.")
-        if not sep:
+        prefix, sep, rest = key.partition(".0.")
+        if not sep or prefix not in legacy_layers:
             out[key] = value
-            continue
-        suffix = "module." + rest
-        if suffix not in renames:
+        elif rest == "bias":
+            out[f"{prefix}.0.module.bias"] = value
+        elif rest in _PARAMETRIZATION_KEYS:
+            out[f"{prefix}.0.{_PARAMETRIZATION_KEYS[rest]}"] = value
+        else:
             raise KeyError(f"convert_original_state_dict: unexpected spectral-norm key {key!r}")
-        out[f"{prefix}.0.{renames[suffix]}"] = value
     return out

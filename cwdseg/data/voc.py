@@ -1,0 +1,95 @@
+"""PASCAL VOC 2012 with the SBD augmentation ("VOC aug"), as the segmentation literature uses it.
+
+Layout under ``root`` (the ``VOC2012`` folder of ``VOCdevkit``, with the ``SegmentationClassAug`` labels
+and ``train_aug.txt`` list of the SBD-augmented release)::
+
+    JPEGImages/<id>.jpg
+    SegmentationClassAug/<id>.png               class values 0..20 (0 = background), 255 = object borders
+    ImageSets/Segmentation/train_aug.txt        10 582 ids (VOC train + SBD, minus VOC val)
+    ImageSets/Segmentation/val.txt              1 449 ids
+
+Labels may be palette PNGs (as VOC's own ``SegmentationClass``) or greyscale PNGs (as most released
+``SegmentationClassAug`` folders); both hold the class value per pixel. 255 is ignored in training and
+evaluation. Counts and lists: CIRKD ``dataset/list/voc/{train_aug,val}.txt``; mmsegmentation's converter
+``voc_aug.py`` (``AUG_LEN = 10582``) calls the same list ``aug.txt``.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from cwdseg.data.base import SegmentationDataset, check_dir, count_note, pair_files
+from cwdseg.data.cityscapes import DatasetError, _check_root, read_list_file
+from cwdseg.data.info import DatasetInfo, offset_table, voc_bit_palette
+
+CLASS_NAMES = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)
+BORDER = 255
+_file_to_class, _valid = offset_table(len(CLASS_NAMES), 0, [BORDER], len(CLASS_NAMES) - 1)
+INFO = DatasetInfo(
+    name="pascal_voc", class_names=CLASS_NAMES, colors=voc_bit_palette()[: len(CLASS_NAMES)].copy(),
+    file_to_class=_file_to_class, valid_values=_valid, counts={"train": 10582, "val": 1449},
+    ignore_description="255 (object borders)", label_description="values 0..20 used directly, 255 (borders) ignored",
+)
+SPLIT_LISTS = {"train": "train_aug.txt", "val": "val.txt"}
+IMAGE_DIR, LABEL_DIR, LIST_DIR = "JPEGImages", "SegmentationClassAug", "ImageSets/Segmentation"
+LAYOUT = """  <root>/JPEGImages/<id>.jpg
+  <root>/SegmentationClassAug/<id>.png      (0..20, 255 = border)
+  <root>/ImageSets/Segmentation/train_aug.txt, val.txt   (one id per line)
+  where <root> is VOCdevkit/VOC2012 with the SBD-augmented labels unpacked into it."""
+
+
+def _resolve_root(root: Path) -> Path:
+    if (root / IMAGE_DIR).is_dir():
+        return root
+    for sub in ("VOC2012", "VOCdevkit/VOC2012"):
+        if (root / sub / IMAGE_DIR).is_dir():
+            raise DatasetError(f"{root} is not a VOC root, but {root / sub} looks like one: pass "
+                               f"--data-dir {root / sub}. Expected layout:\n{LAYOUT}")
+    raise DatasetError(f"{root / IMAGE_DIR} not found: {root} is not a Pascal VOC root. Expected layout:\n{LAYOUT}")
+
+
+def scan_split(root: str | os.PathLike, split: str) -> list:
+    """The samples of ``ImageSets/Segmentation/<list>.txt`` (``train`` -> train_aug.txt, ``val`` -> val.txt)."""
+    root_path = _resolve_root(_check_root(root))
+    if split not in SPLIT_LISTS:
+        raise DatasetError(f"pascal_voc has the splits {sorted(SPLIT_LISTS)}, not {split!r}")
+    list_file = root_path / LIST_DIR / SPLIT_LISTS[split]
+    if not list_file.is_file():
+        raise DatasetError(f"split list not found: {list_file}. Expected layout:\n{LAYOUT}")
+    check_dir(root_path / LABEL_DIR, "label folder", LAYOUT)
+    ids = [line.split()[0] for line in list_file.read_text().splitlines() if line.strip()]
+    if not ids:
+        raise DatasetError(f"split list {list_file} holds no ids.")
+    images, missing = [], []
+    for image_id in ids:
+        image = str(root_path / IMAGE_DIR / f"{image_id}.jpg")
+        if not os.path.isfile(image):
+            missing.append(image)
+        images.append(image)
+    if missing:
+        from cwdseg.data.base import missing_message
+
+        raise DatasetError(missing_message(f"images listed in {list_file} are missing", missing, len(ids),
+                                           "Unpack the VOC2012 JPEGImages into the root."))
+    return pair_files(images, lambda im: str(root_path / LABEL_DIR / (Path(im).stem + ".png")),
+                      f"pascal_voc {split} ({list_file})",
+                      f"Unpack the SBD-augmented SegmentationClassAug labels into {root_path}.")
+
+
+def build(root, split: str = "train", list_path=None, *, cache_images: bool = False, verbose: bool = True,
+          **kwargs) -> SegmentationDataset:
+    """The VOC-aug split as a :class:`SegmentationDataset` (``list_path``: an image<TAB>label list instead)."""
+    if cache_images:
+        raise DatasetError("--cache-images is only available for cityscapes so far; drop it for pascal_voc.")
+    if list_path is None:
+        root_path = _resolve_root(_check_root(root))
+        samples = scan_split(root_path, split)
+        source = f"{root_path / LIST_DIR / SPLIT_LISTS[split]}{count_note(INFO, root_path, split, len(samples))}"
+    else:
+        root_path = _check_root(root)
+        samples = read_list_file(list_path, root_path)
+        source = f"list {list_path}"
+    return SegmentationDataset(INFO, samples, root_path, split, source=source, verbose=verbose, **kwargs)
