@@ -257,3 +257,16 @@ def test_predict_runs_the_exports(exported, run_folder, tmp_path):
         on = cv2.imread(str(tmp_path / "onnx" / "ids" / f"im{k}.png"), cv2.IMREAD_UNCHANGED)
         assert ref.shape == (48, 80) and np.array_equal(st, ref)
         assert (on == ref).mean() > 0.999  # fp32 logits within 1e-5: argmax differs at most at exact near-ties
+
+
+def test_class_table_comes_from_the_dataset_registry():
+    from cwdseg.data.registry import dataset_info
+    from cwdseg.export.metadata import ExportSourceError
+
+    info = dataset_info("pascal_voc")
+    table = export_tool.read_classes(None, info.num_classes, "pascal_voc")
+    assert [c["name"] for c in table] == list(info.class_names)
+    assert [c["color"] for c in table] == info.colors.tolist()
+    with pytest.raises(ExportSourceError, match="classes"):
+        export_tool.read_classes(None, 19, "pascal_voc")
+    assert export_tool.read_classes(None, 19)[13] == {"id": 13, "name": "car", "color": [0, 0, 142]}

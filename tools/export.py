@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from cwdseg.checkpoint import CheckpointError, atomic_write_text
+from cwdseg.data import DatasetError
 from cwdseg.data.labels import CLASS_NAMES, NUM_CLASSES, TRAIN_ID_COLORS
+from cwdseg.data.registry import DATASETS, dataset_info
 from cwdseg.evaluation.loop import EvaluationError, load_model, sha256_file
 from cwdseg.export.metadata import SELECTIONS, ExportSourceError, build_metadata, class_table, resolve_source
 from cwdseg.export.model_card import render_model_card
@@ -55,8 +57,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS), help="what to write")
     p.add_argument("--num-classes", type=int, default=None,
                    help=f"classes of the network; default: the run's config.json, else {NUM_CLASSES}")
+    p.add_argument("--dataset", choices=sorted(DATASETS), default=None,
+                   help="class names and colours of this dataset; default: the run's config.json, else cityscapes")
     p.add_argument("--classes", default=None,
-                   help="JSON file: a list of class names or of {name, color: [r, g, b]}; default: Cityscapes' 19")
+                   help="JSON file: a list of class names or of {name, color: [r, g, b]} (overrides --dataset)")
     p.add_argument("--channel-order", choices=("BGR", "RGB"), default=channel_order(ORIGINAL),
                    help="input channel order the weights expect")
     p.add_argument("--mean", type=float, nargs=3, default=list(ORIGINAL.mean), help="per-channel mean (0..255)")
@@ -73,8 +77,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def read_classes(path: str | None, num_classes: int) -> list[dict]:
-    """The class table: Cityscapes' by default, else from a JSON file (names, or {name, color})."""
+def read_classes(path: str | None, num_classes: int, dataset: str | None = None,
+                 data_dir: str | None = None) -> list[dict]:
+    """The class table: from a JSON file (names, or {name, color}), else the dataset's, else Cityscapes'."""
+    if path is None and dataset is not None:
+        try:
+            info = dataset_info(dataset, data_dir)
+        except DatasetError as exc:
+            raise ExportSourceError(f"--dataset {dataset}: {exc}; pass --classes FILE.json instead") from None
+        if info.num_classes != num_classes:
+            raise ExportSourceError(f"--dataset {dataset} has {info.num_classes} classes, the network {num_classes}")
+        return class_table(info.class_names, info.colors)
     if path is None:
         if num_classes != NUM_CLASSES:
             return class_table([str(i) for i in range(num_classes)], [[128, 128, 128]] * num_classes)
@@ -114,7 +127,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     num_classes = args.num_classes or int((source.config or {}).get("num_classes", NUM_CLASSES))
     model, arch = load_model(source.weights, None, num_classes)
     model.eval()
-    classes = read_classes(args.classes, num_classes)
+    config = source.config or {}
+    classes = read_classes(args.classes, num_classes, args.dataset or config.get("dataset"), config.get("data_dir"))
     gmacs = {f"{h}x{w}": count_macs(model, (h, w)) / 1e9 for h, w in args.gmacs_sizes}
     meta = build_metadata(arch, num_classes, source, normalization, classes, count_parameters(model), gmacs)
     meta["source_sha256"] = sha256_file(source.weights)
