@@ -58,7 +58,7 @@ def adaptive_pool_by_loops(x: np.ndarray, bins: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("bins", [1, 2, 3, 6])
-@pytest.mark.parametrize("hw", [(9, 9), (13, 17), (8, 12), (7, 6)])
+@pytest.mark.parametrize("hw", [(9, 9), (13, 17), (8, 12), (7, 6), (4, 5)])
 def test_exact_adaptive_pool_equals_the_bin_definition(bins, hw):
     x = torch.randn(2, 3, *hw, generator=torch.Generator().manual_seed(bins))
     got = ExactAdaptiveAvgPool2d(bins)(x).numpy()
