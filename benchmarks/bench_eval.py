@@ -6,16 +6,19 @@
 Random weights (speed does not depend on them), eval mode, the same ``predict_logits`` + argmax that
 ``evaluate.py`` runs; data loading is not included. Before each configuration one untimed warm-up
 image at half the height and width (a quarter of the cost) sets up the kernels and the allocator.
+Each image is timed on its own: rows give the median s/image with its spread over ``--images``.
 """
 from __future__ import annotations
 
 import argparse
-import time
 from typing import Sequence
 
 import torch
 
-
+if __package__:  # imported as benchmarks.bench_eval (tests/test_evaluate.py)
+    from benchmarks import stats
+else:  # run as a script, or imported as a sibling by run.py
+    import stats
 from cwdseg.engine.precision import AMP_DTYPES
 from cwdseg.models import build_model
 from cwdseg.evaluation.inference import predict_logits, sliding_windows
@@ -41,7 +44,8 @@ def run(
 ) -> list[dict]:
     """Time ``images`` single-image predictions per (mode, amp); one dict per configuration.
 
-    Each dict: ``arch, mode, amp, size, tiles, images, seconds, images_per_s, device, threads``.
+    Each dict: ``arch, mode, amp, size, tiles, images, seconds (total), seconds_per_image (median, q1, q3,
+    min, max, n, iqr), images_per_s (from the median), device, threads``.
     """
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = build_model(arch).to(dev).eval()
@@ -58,16 +62,13 @@ def run(
 
             if warmup:
                 once(small)
-            _sync(dev)
-            start = time.perf_counter()
-            for _ in range(images):
-                once()
-            _sync(dev)
-            seconds = time.perf_counter() - start
+            per_image = stats.repeat(once, images, warmup=0, sync=lambda: _sync(dev))
+            spread = stats.summarize(per_image)
             rows.append({
                 "arch": arch, "mode": mode, "amp": amp, "size": list(size),
                 "tiles": len(sliding_windows(size[0], size[1], tile, overlap)) if mode == "sliding" else 1,
-                "images": images, "seconds": seconds, "images_per_s": images / seconds,
+                "images": images, "seconds": sum(per_image), "seconds_per_image": spread.as_dict(),
+                "images_per_s": 1 / spread.median,
                 "device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
                 "threads": torch.get_num_threads(),
             })
@@ -77,11 +78,13 @@ def run(
 def format_table(rows: list[dict]) -> str:
     """The rows of :func:`run` as a plain-text table."""
     lines = ["evaluation throughput (predict_logits + argmax, no data loading)",
-             f"{'arch':<10} {'mode':<8} {'amp':<5} {'size':>9} {'tiles':>5} {'images':>6} {'s':>7} {'img/s':>8}  device"]
+             f"{'arch':<10} {'mode':<8} {'amp':<5} {'size':>9} {'tiles':>5} {'s/image (median, IQR, min-max, n)':<44} "
+             f"{'img/s':>8}  device"]
     for r in rows:
         size = f"{r['size'][0]}x{r['size'][1]}"
-        lines.append(f"{r['arch']:<10} {r['mode']:<8} {r['amp']:<5} {size:>9} {r['tiles']:>5} {r['images']:>6} "
-                     f"{r['seconds']:>7.2f} {r['images_per_s']:>8.3f}  {r['device']} ({r['threads']} threads)")
+        spread = stats.Summary.from_dict(r["seconds_per_image"]).text(2)
+        lines.append(f"{r['arch']:<10} {r['mode']:<8} {r['amp']:<5} {size:>9} {r['tiles']:>5} {spread:<44} "
+                     f"{r['images_per_s']:>8.3f}  {r['device']} ({r['threads']} threads)")
     return "\n".join(lines)
 
 

@@ -1,11 +1,23 @@
-"""Data-loading benchmark: our pipeline next to the original order of operations, and loader throughput.
+"""Data-loading benchmark: the original order of operations, our PNG path and the image caches, side by side.
 
-``python benchmarks/bench_loader.py [--data-root /data/cityscapes] [--samples 24] [--workers 2]``
+``python benchmarks/bench_loader.py [--data-root /data/cityscapes] [--samples 24] [--workers 2] [--quick]``
 
-Per-sample rows time one training sample (image + label, 512x512 crop) on one core (OpenCV threads off),
-ours and the original re-implemented here, alternating on the same files so that both see the same disk
-cache and machine load; the median over samples is reported, and every pair of outputs is checked to be
-identical. Loader rows time ``build_loader`` batches of 8 with ``workers`` processes after the first batch.
+Per-sample rows time one training sample (image + label, 512x512 crop) on one core (OpenCV and torch
+single-threaded, as in a loader worker). All pipelines of a group process the *same* key (image, seed) in
+each round, interleaved (A B C D, then D C B A, ...) so that the disk cache and the load of other processes
+fall on all of them alike; one untimed warm-up round comes first. Every round checks that all pipelines give
+identical outputs. Pipelines:
+
+- ``original``: the original code's order (decode -> float -> mean -> crop), :mod:`cwdseg.data.original_order`;
+- ``PNG``: ours, decoding the PNGs (libspng when installed);
+- ``disk cache``: ours reading the memory-mapped image cache (``--image-cache DIR``, :mod:`cwdseg.data.cache`),
+  built before timing; its pages are in the page cache (the steady state of a machine whose RAM holds it);
+- ``RAM cache``: ours with ``cache_images=True``.
+
+Each row gives the median over samples with its spread (IQR and min-max) and its ratio to the PNG path
+(and to the original), with a warning where the spread is larger than the difference. Loader rows time
+``build_loader`` batches of 8 with ``--workers`` processes in windows of batches after the start-up batches
+(spread over windows); they run one after the other (loaders with their own prefetching workers cannot be interleaved meaningfully).
 Without ``--data-root`` a synthetic dataset of 1024x2048 images (the Cityscapes size) is generated into a
 temporary folder.
 """
@@ -13,8 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import itertools
-import statistics
+import platform
 import tempfile
 import time
 from pathlib import Path
@@ -23,123 +34,173 @@ import cv2
 import numpy as np
 import torch
 
-
+import stats
 from cwdseg.data.cityscapes import CityscapesDataset, build_loader
-from cwdseg.data.sampling import TrainSampleStream
 from cwdseg.data.original_order import original_sample
+from cwdseg.data.sampling import TrainSampleStream
 from cwdseg.data.synthetic import generate
 
 CROP = (512, 512)
 BATCH = 8
+GOAL_CACHE_MS = 3.0  # issue 18: one loader core per GPU at 40 ms per step of 8 images
+
+
 def _decoder() -> str:
     import cwdseg.data.cityscapes as io
 
     return "libspng (pyspng)" if io.pyspng is not None else "OpenCV"
 
 
-def _paired_rows(ds: CityscapesDataset, samples: int, scale: bool, mirror: bool, tag: str) -> list[dict]:
-    """Time ours and the original alternately on the same keys; check the outputs are identical."""
-    ours_ms, original_ms = [], []
-    for i in range(samples):
-        index, seed = i % len(ds), 1000 + i
-        sample = ds.samples[index]
-        start = time.perf_counter()
-        ref_image, ref_label = original_sample(sample.image, sample.label, CROP, scale, mirror,
-                                               np.random.default_rng(seed))
-        original_ms.append((time.perf_counter() - start) * 1e3)
-        start = time.perf_counter()
-        image, label, _ = ds[(index, seed)]
-        ours_ms.append((time.perf_counter() - start) * 1e3)
-        if not (np.array_equal(image.numpy(), ref_image) and np.array_equal(label.numpy(), ref_label)):
-            raise AssertionError(f"outputs differ from the original for {sample.image} (seed {seed})")
-    original = statistics.median(original_ms)
-    ours = statistics.median(ours_ms)
-    return [
-        {"name": f"original{tag}: decode>[scale]>float>mean>crop", "ms_per_sample": original,
-         "images_per_s": 1e3 / original, "ratio": 1.0, "note": "1 core"},
-        {"name": f"ours{tag}: decode>[scale]>crop u8>LUT", "ms_per_sample": ours, "images_per_s": 1e3 / ours,
-         "ratio": ours / original, "note": f"1 core, identical output ({samples} samples), PNG decoder: {_decoder()}"},
-    ]
+def _per_sample_group(datasets: dict[str, CityscapesDataset], samples: int, scale: bool, mirror: bool,
+                      tag: str) -> list[dict]:
+    """Interleaved per-sample times of the original and of each dataset on the same keys; outputs compared."""
+    first = next(iter(datasets.values()))
+    outputs: dict[str, tuple] = {}
+
+    def key(r: int) -> tuple[int, int]:  # round r's (index, seed); warm-up rounds are negative
+        return (r % len(first), 1000 + r) if r >= 0 else (0, 999)
+
+    def original(r: int) -> None:
+        index, seed = key(r)
+        s = first.samples[index]
+        outputs["original"] = original_sample(s.image, s.label, CROP, scale, mirror, np.random.default_rng(seed))
+
+    def ours(name: str):
+        def fn(r: int) -> None:
+            image, label, _ = datasets[name][key(r)]
+            outputs[name] = (image.numpy(), label.numpy())
+        return fn
+
+    fns = {"original": original, **{name: ours(name) for name in datasets}}
+    checked = {"count": 0}
+
+    def check_round(r: int) -> None:  # after each timed round, untimed
+        ref_image, ref_label = outputs["original"]
+        for name in datasets:
+            image, label = outputs[name]
+            if not (np.array_equal(image, ref_image) and np.array_equal(label, ref_label)):
+                index, seed = key(r)
+                raise AssertionError(f"{name} differs from the original for {first.samples[index].image} (seed {seed})")
+        checked["count"] += 1
+
+    times = stats.interleaved(fns, samples, warmup=1, with_round=True, after_round=check_round)
+
+    summaries = {name: stats.summarize(t).scaled(1e3) for name, t in times.items()}
+    png = summaries.get("PNG")
+    rows = []
+    for name, s in summaries.items():
+        warning = None
+        if png is not None and name != "PNG":
+            warning = stats.ratio_warning(s, png, f"{name}{tag} vs PNG")
+        rows.append({
+            "name": f"{name}{tag}", "ms_per_sample": s.as_dict(), "images_per_s": 1e3 / s.median,
+            "ratio_to_original": s.median / summaries["original"].median,
+            "ratio_to_png": None if png is None else s.median / png.median,
+            "note": f"1 core, {samples} samples, identical output in all {checked['count']} rounds",
+            "warning": warning,
+        })
+    return rows
 
 
-def _cached_row(ds: CityscapesDataset, samples: int, baseline_ms: float) -> dict:
-    times = []
-    for i in range(samples):
-        start = time.perf_counter()
-        ds[(i % len(ds), 1000 + i)]
-        times.append((time.perf_counter() - start) * 1e3)
-    ms = statistics.median(times)
-    return {"name": "ours, cache_images=True (decoded in RAM)", "ms_per_sample": ms, "images_per_s": 1e3 / ms,
-            "ratio": ms / baseline_ms, "note": "1 core"}
-
-
-def _loader_row(ds: CityscapesDataset, workers: int, batches: int, name: str) -> dict:
-    # The training loop's own sample stream (endless, so take batches + 1 batches of it).
+def _loader_row(ds: CityscapesDataset, workers: int, windows: int, window: int, name: str) -> dict:
+    """Throughput of ``build_loader`` in ``windows`` windows of ``window`` batches, after the start-up batches."""
+    prefetch = 4
+    # The training loop's own sample stream (endless).
     loader = build_loader(ds, BATCH, sampler=TrainSampleStream(len(ds), seed=0), num_workers=workers, drop_last=True,
-                          pin_memory=False)
+                          pin_memory=False, prefetch_factor=prefetch)
     iterator = iter(loader)
-    next(iterator)  # worker start-up and the first batch are not throughput
-    start = time.perf_counter()
-    count = sum(images.shape[0] for images, _, _ in itertools.islice(iterator, batches))
-    seconds = time.perf_counter() - start
+    # Worker start-up, and the batches that were prefetched meanwhile, are not throughput.
+    for _ in range(max(1, workers * prefetch)):
+        next(iterator)
+    per_sample = []
+    for _ in range(windows):
+        start = time.perf_counter()
+        count = sum(next(iterator)[0].shape[0] for _ in range(window))
+        per_sample.append((time.perf_counter() - start) / count)
     del iterator, loader
-    return {"name": name, "ms_per_sample": seconds * 1e3 / count, "images_per_s": count / seconds, "ratio": None,
-            "note": f"{workers} workers, batch {BATCH}, {count} images, {CROP[0]}x{CROP[1]} crops"}
+    s = stats.summarize(per_sample).scaled(1e3)
+    return {"name": name, "ms_per_sample": s.as_dict(), "images_per_s": 1e3 / s.median, "ratio_to_original": None,
+            "ratio_to_png": None, "warning": None,
+            "note": f"{workers} workers, batch {BATCH}, {windows} windows of {window} batches after "
+                    f"{max(1, workers * prefetch)} start-up batches"}
 
 
-def run(data_root: str | None = None, samples: int = 24, workers: int = 2) -> list[dict]:
-    """Benchmark rows (dicts with name, ms_per_sample, images_per_s, ratio vs the original, note)."""
+def run(data_root: str | None = None, samples: int = 24, workers: int = 2, quick: bool = False) -> list[dict]:
+    """Benchmark rows: name, ms_per_sample (median, q1, q3, min, max, n, iqr), images_per_s, ratios, note."""
     threads = (cv2.getNumThreads(), torch.get_num_threads())
     cv2.setNumThreads(0)  # per-sample rows measure one core, as a loader worker runs
     torch.set_num_threads(1)
     try:
-        return _run(data_root, samples, workers)
+        return _run(data_root, samples, workers, quick)
     finally:  # benchmarks that follow in the same process get the machine back
         cv2.setNumThreads(threads[0])
         torch.set_num_threads(threads[1])
 
 
-def _run(data_root: str | None, samples: int, workers: int) -> list[dict]:
+def _run(data_root: str | None, samples: int, workers: int, quick: bool) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="bench_loader_") as tmp:
         if data_root is None:
-            data_root = str(generate(Path(tmp) / "synthetic", n_train=8, n_val=0, n_test=0, size=(1024, 2048)))
+            size = (512, 1024) if quick else (1024, 2048)
+            data_root = str(generate(Path(tmp) / "synthetic", n_train=4 if quick else 8, n_val=0, n_test=0, size=size))
+        cache_dir = Path(tmp) / "image_cache"
+        rows = []
+        for scale_mirror, tag in ((False, ""), (True, " +scale+mirror")):
+            kw = dict(crop_size=CROP, random_scale=scale_mirror, random_mirror=scale_mirror, verbose=False)
+            datasets = {"PNG": CityscapesDataset(data_root, "train", **kw)}
+            datasets["disk cache"] = CityscapesDataset(data_root, "train", image_cache=cache_dir, cache_threads=1, **kw)
+            if len(datasets["PNG"]) <= 64:
+                datasets["RAM cache"] = CityscapesDataset(data_root, "train", cache_images=True, cache_threads=1, **kw)
+            rows += _per_sample_group(datasets, samples, scale_mirror, scale_mirror, tag)
         plain = CityscapesDataset(data_root, "train", crop_size=CROP, verbose=False)
-        augmented = CityscapesDataset(data_root, "train", crop_size=CROP, random_scale=True, random_mirror=True,
-                                      verbose=False)
-        rows = _paired_rows(plain, samples, scale=False, mirror=False, tag="")
-        rows += _paired_rows(augmented, samples, scale=True, mirror=True, tag=" +scale+mirror")
-        cached = CityscapesDataset(data_root, "train", crop_size=CROP, cache_images=True, verbose=False,
-                                   cache_threads=1) if len(plain) <= 64 else None
-        if cached is not None:
-            rows.append(_cached_row(cached, samples, rows[0]["ms_per_sample"]))
-        batches = max(4, samples // BATCH)
-        rows.append(_loader_row(plain, workers, batches, "loader: ours, from PNG"))
-        if cached is not None:
-            rows.append(_loader_row(cached, workers, batches, "loader: ours, cache_images=True"))
+        disk = CityscapesDataset(data_root, "train", crop_size=CROP, image_cache=cache_dir, verbose=False)
+        # A window is a multiple of `workers` batches: the workers finish their batches about together, so
+        # one batch waits for a whole batch time and the next is already there.
+        windows, window = (3, workers) if quick else (5, 2 * workers)
+        rows.append(_loader_row(plain, workers, windows, window, "loader: PNG"))
+        rows.append(_loader_row(disk, workers, windows, window, "loader: disk cache"))
+        png, cached = rows[-2]["ms_per_sample"], rows[-1]["ms_per_sample"]
+        rows[-1]["ratio_to_png"] = cached["median"] / png["median"]
+        rows[-1]["warning"] = stats.ratio_warning(stats.Summary.from_dict(cached), stats.Summary.from_dict(png),
+                                                  "loader: disk cache vs PNG")
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
-    """The rows of ``run`` as a text table (ratio: ours / the original order of operations)."""
-    lines = [f"loader, {CROP[0]}x{CROP[1]} crops",
-             f"{'':52s} {'ms/sample':>10s} {'images/s':>9s} {'ratio':>6s}  note"]
+    """The rows of ``run`` as a text table: median ms/sample with IQR and min-max, ratios, warnings."""
+    lines = [f"loader, {CROP[0]}x{CROP[1]} crops, PNG decoder: {_decoder()}",
+             f"{'':32s} {'ms/sample':>9s} {'IQR':>13s} {'min-max':>13s} {'img/s':>7s} {'/PNG':>5s} {'/orig':>5s}  note"]
+    warnings = []
     for row in rows:
-        ratio = "" if row["ratio"] is None else f"{row['ratio']:.2f}"
-        lines.append(f"{row['name']:52s} {row['ms_per_sample']:10.1f} {row['images_per_s']:9.1f} {ratio:>6s}  "
-                     f"{row['note']}")
-    return "\n".join(lines)
+        s = row["ms_per_sample"]
+        png = "" if row["ratio_to_png"] is None else f"{row['ratio_to_png']:.3f}"
+        orig = "" if row["ratio_to_original"] is None else f"{row['ratio_to_original']:.2f}"
+        lines.append(f"{row['name']:32s} {s['median']:9.2f} {s['q1']:6.2f}-{s['q3']:<6.2f} {s['min']:6.2f}-{s['max']:<6.2f} "
+                     f"{row['images_per_s']:7.1f} {png:>5s} {orig:>5s}  {row['note']}")
+        if row.get("warning"):
+            warnings.append(row["warning"])
+    cache = [r for r in rows if r["name"] == "disk cache"]
+    if cache:
+        ms = cache[0]["ms_per_sample"]["median"]
+        verdict = "met" if ms <= GOAL_CACHE_MS else "NOT met"
+        lines.append(f"goal <= {GOAL_CACHE_MS:.0f} ms/sample from the disk cache on one core: {verdict} ({ms:.2f} ms)")
+    return "\n".join(lines + warnings)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-root", default=None, help="Cityscapes root (default: synthetic 1024x2048 data)")
-    parser.add_argument("--samples", type=int, default=24, help="samples per per-sample row (default: %(default)s)")
+    parser.add_argument("--samples", type=int, default=24, help="samples (rounds) per group (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=2, help="loader processes (default: %(default)s)")
+    parser.add_argument("--quick", action="store_true", help="smoke test: 512x1024 images, 4 samples")
     args = parser.parse_args(argv)
+    if args.quick:
+        print(stats.QUICK_BANNER)
+    samples = 4 if args.quick else args.samples
     start = time.perf_counter()
-    rows = run(args.data_root, args.samples, args.workers)
-    source = args.data_root or "synthetic 1024x2048 (8 images)"
-    print(f"data: {source}; {os.cpu_count()} CPUs; per-sample rows: median of {args.samples} samples")
+    rows = run(args.data_root, samples, args.workers, quick=args.quick)
+    source = args.data_root or ("synthetic 512x1024 (4 images)" if args.quick else "synthetic 1024x2048 (8 images)")
+    print(f"data: {source}; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
+          f"per-sample rows: median of {samples} interleaved samples")
     print(format_table(rows))
     print(f"({time.perf_counter() - start:.0f} s)")
 

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
+
+import stats
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -137,37 +137,34 @@ def run(quick: bool = False, device: str = "cpu", batch: int = 8, crop: tuple[in
         net_batch: int = 2, net_crop: tuple[int, int] | None = None, reps: int | None = None) -> list[dict]:
     """Time each loss (at the recipe size) and the networks (measured small, scaled by MACs).
 
-    The cases run round-robin (one of each per repeat) so that load from other processes falls on
-    all of them alike; each time is the median over repeats. Returns one row per case,
-    ``{name, what, seconds, measured_seconds, measured_at, scaled, frac_student, frac_networks,
-    device}`` (fractions of the student fwd+bwd, and of student fwd+bwd + teacher fwd, at the
-    recipe size), then an ``all losses`` row (CE + CWD logits + KD + both GAN terms).
+    The cases run interleaved (one of each per repeat, alternating order; ``stats.interleaved``) after
+    one warm-up call each, so that load from other processes falls on all of them alike; each time is
+    the median over repeats, with its spread in ``spread`` (seconds at the recipe size). Returns one
+    row per case, ``{name, what, seconds, spread, measured_seconds, measured_at, scaled, frac_student,
+    frac_networks, device}`` (fractions of the student fwd+bwd, and of student fwd+bwd + teacher fwd,
+    at the recipe size), then an ``all losses`` row (CE + CWD logits + KD + both GAN terms; the sum of
+    medians, no spread of its own).
     """
     dev = torch.device(device)
     if net_crop is None:
         net_crop = (128, 128) if quick else (256, 256)
     if reps is None:
-        reps = 1 if quick else 2
+        reps = 2 if quick else 3
     cases = _loss_cases(dev, batch, crop) + _network_cases(dev, batch, crop, net_batch, tuple(net_crop))
-    for case in cases:  # warm-up: allocator, one-off initialisation
-        case.fn()
-    _sync(dev)
-    for _ in range(reps):
-        for case in cases:
-            t0 = time.perf_counter()
-            case.fn()
-            _sync(dev)
-            case.times.append(time.perf_counter() - t0)
+    times = stats.interleaved({case.name: case.fn for case in cases}, reps, warmup=1, sync=lambda: _sync(dev))
     rows = []
     for case in cases:
-        measured = statistics.median(case.times)
-        rows.append({"name": case.name, "what": case.what, "seconds": measured * case.scale,
-                     "measured_seconds": measured, "measured_at": case.measured_at, "scaled": case.scale != 1.0})
+        case.times = times[case.name]
+        spread = stats.summarize(case.times)
+        rows.append({"name": case.name, "what": case.what, "seconds": spread.median * case.scale,
+                     "spread": spread.scaled(case.scale).as_dict(), "measured_seconds": spread.median,
+                     "measured_at": case.measured_at, "scaled": case.scale != 1.0})
     student = rows[-2]["seconds"]
     networks = student + rows[-1]["seconds"]
     total = sum(r["seconds"] for r in rows[:-2] if r["name"] != "CWD feature")
     rows.insert(len(rows) - 2, {"name": "all losses", "what": "CE + CWD logits + KD + GAN (G and D): the heaviest recipe",
-                                "seconds": total, "measured_seconds": total, "measured_at": "full size", "scaled": False})
+                                "seconds": total, "spread": None, "measured_seconds": total, "measured_at": "full size",
+                                "scaled": False})
     for r in rows:
         r["frac_student"] = r["seconds"] / student
         r["frac_networks"] = r["seconds"] / networks
@@ -177,11 +174,14 @@ def run(quick: bool = False, device: str = "cpu", batch: int = 8, crop: tuple[in
 
 def format_table(rows: list[dict]) -> str:
     """The rows as an aligned text table."""
-    head = f"{'term':<34} {'ms':>10} {'/student':>9} {'/nets':>7}  what"
+    head = f"{'term':<34} {'ms':>10} {'IQR':>19} {'min-max':>19} {'/student':>9} {'/nets':>7}  what"
     lines = ["loss cost per training step (forward + backward), " + (rows[0]["device"] if rows else ""), head,
              "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['name']:<34} {r['seconds'] * 1e3:>10.1f} {r['frac_student']:>8.1%} "
+        sp = r.get("spread")
+        iqr = "" if sp is None else f"{sp['q1'] * 1e3:.1f}-{sp['q3'] * 1e3:.1f}"
+        span = "" if sp is None else f"{sp['min'] * 1e3:.1f}-{sp['max'] * 1e3:.1f}"
+        lines.append(f"{r['name']:<34} {r['seconds'] * 1e3:>10.1f} {iqr:>19} {span:>19} {r['frac_student']:>8.1%} "
                      f"{r['frac_networks']:>6.1%}  {r['what']}")
     lines.append("/student: fraction of the student forward+backward; /nets: of student fwd+bwd + teacher fwd. "
                  "Network rows marked 'scaled' were measured at the small size shown and scaled by MACs.")
@@ -199,6 +199,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     a = p.parse_args(argv)
+    if a.quick:
+        print(stats.QUICK_BANNER)
     rows = run(quick=a.quick, device=a.device, batch=a.batch, crop=tuple(a.crop), net_batch=a.net_batch,
                net_crop=tuple(a.net_crop) if a.net_crop else None, reps=a.reps)
     print(format_table(rows))

@@ -2,9 +2,17 @@
 
 Each setting runs in its own process (so peak memory is its own) on the same synthetic batch, through
 ``cwdseg.engine.step.train_step`` — the exact function the training loop calls. The reference row is fp32, NCHW, eager.
+Every step is timed on its own (synchronised on a GPU) after ``--warmup`` untimed steps: rows give the median
+ms/step with its IQR and min-max, throughput and MFU from the median, and a warning where a ratio is within
+the spread. The settings run one after the other (each in its own process), so load from other processes on
+a shared machine is not spread evenly over them: compare ratios against their spread.
+
+``--loader png|cache`` feeds every step from the real ``build_loader`` on synthetic 1024x2048 images (from the
+PNGs, or from the memory-mapped image cache) and reports the time each step waited for its batch (data ms);
+``none`` (the default) reuses one batch on the device.
 
     python benchmarks/bench_train.py                       # CPU: 128x128 crops, batch 2
-    python benchmarks/bench_train.py --crop 512 512 --batch 8 --device cuda   # the paper recipe on a GPU
+    python benchmarks/bench_train.py --crop 512 512 --batch 8 --device cuda --loader cache   # the paper recipe on a GPU
 """
 from __future__ import annotations
 
@@ -13,8 +21,11 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+
+import stats
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {
@@ -27,9 +38,35 @@ SETTINGS = {
 }
 
 
+def _loader_batches(kind: str, crop: tuple[int, int], batch: int, tmp: str, device, channels_last: bool):
+    """An endless iterator of (images, labels) on the device from the real loader, and the seconds each waited."""
+    import torch
+
+    from cwdseg.data.cityscapes import CityscapesDataset, build_loader
+    from cwdseg.data.sampling import TrainSampleStream
+    from cwdseg.data.synthetic import generate
+
+    root = generate(Path(tmp) / "synthetic", n_train=max(8, batch), n_val=0, n_test=0, size=(1024, 2048))
+    cache = str(Path(tmp) / "image_cache") if kind == "cache" else None
+    ds = CityscapesDataset(root, "train", crop_size=crop, image_cache=cache, verbose=False)
+    loader = build_loader(ds, batch, sampler=TrainSampleStream(len(ds), seed=0), drop_last=True)
+    mem = torch.channels_last if channels_last else torch.contiguous_format
+    waits: list[float] = []
+
+    def batches():
+        iterator = iter(loader)
+        while True:
+            start = time.perf_counter()
+            images, labels, _ = next(iterator)
+            waits.append(time.perf_counter() - start)
+            yield (images.to(device, non_blocking=True, memory_format=mem), labels.to(device, non_blocking=True).long())
+
+    return batches(), waits
+
+
 def measure_one(setting: str, crop: tuple[int, int], batch: int, steps: int, warmup: int, device: str,
-                recipe: str) -> dict:
-    """Time ``steps`` calls of train_step after ``warmup`` calls; runs in the current process."""
+                recipe: str, loader: str = "none") -> dict:
+    """Time each of ``steps`` calls of train_step after ``warmup`` calls; runs in the current process."""
     import torch
 
     from cwdseg.cli.train import resolve_args
@@ -64,55 +101,86 @@ def measure_one(setting: str, crop: tuple[int, int], batch: int, steps: int, war
     labels = torch.randint(0, 19, (batch, *crop), device=info.device)
     labels[:, :4] = 255
     micro = [(images, labels)]
+    tmp = tempfile.TemporaryDirectory(prefix="bench_train_")
+    feed, waits = (None, [])
+    if loader != "none":
+        feed, waits = _loader_batches(loader, crop, batch, tmp.name, info.device, channels_last)
 
     def sync():
         if info.device.type == "cuda":
             torch.cuda.synchronize()
 
+    out = {}
+
+    def step() -> None:
+        out["terms"] = train_step([next(feed)] if feed is not None else micro, models, criteria, weights, opt_g, opt_d,
+                                  engine)
+
     for _ in range(warmup):
-        train_step(micro, models, criteria, weights, opt_g, opt_d, engine)
+        step()
     sync()
     if info.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        terms = train_step(micro, models, criteria, weights, opt_g, opt_d, engine)
-    sync()
-    seconds = (time.perf_counter() - t0) / steps
+    times = stats.repeat(step, steps, warmup=0, sync=sync)
+    data_ms = stats.summarize(waits[warmup:]).scaled(1e3).as_dict() if waits else None
+    tmp.cleanup()
     peak_mb = peak_memory_mb(info.device)
+    from cwdseg.engine.runlog import peak_tflops
     from cwdseg.models.summary import training_step_flops
 
     flops = training_step_flops("resnet18", args.teacher_arch if models.teacher is not None else None, crop, batch)
+    per_step = stats.summarize(times)
+    seconds = per_step.median
+    peak = peak_tflops(info.device)
+    tflops = flops / seconds / 1e12
     return {
-        "setting": setting, "ms_per_step": 1000 * seconds, "images_per_s": batch / seconds,
-        "tflops": flops / seconds / 1e12, "peak_mem_mb": peak_mb, "loss": float(terms["total"]),
+        "setting": setting, "ms_per_step": 1000 * seconds, "ms_per_step_spread": per_step.scaled(1e3).as_dict(),
+        "images_per_s": batch / seconds, "tflops": tflops, "mfu": tflops / peak if peak else None,
+        "peak_mem_mb": peak_mb, "data_ms": data_ms, "loader": loader, "loss": float(out["terms"]["total"]),
+        "device_name": torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else "cpu",
     }
 
 
 def run(crop: tuple[int, int] = (128, 128), batch: int = 2, steps: int = 4, warmup: int = 2, device: str = "cpu",
-        recipe: str = "cwd-logits", settings: list[str] | None = None, with_compile: bool = False) -> list[dict]:
-    """Measure every setting in its own subprocess; returns rows with ``ratio`` to the fp32 NCHW eager row."""
+        recipe: str = "cwd-logits", settings: list[str] | None = None, with_compile: bool = False,
+        loader: str = "none") -> list[dict]:
+    """Measure every setting in its own subprocess; returns rows with ``ratio`` to the fp32 NCHW eager row
+    (ratio of median throughputs) and a ``warning`` where that ratio is within the spread."""
     names = settings or [s for s in SETTINGS if with_compile or "compile" not in s]
     rows = []
     for name in names:
         cmd = [sys.executable, __file__, "--one", name, "--crop", str(crop[0]), str(crop[1]), "--batch", str(batch),
-               "--steps", str(steps), "--warmup", str(warmup), "--device", device, "--recipe", recipe]
+               "--steps", str(steps), "--warmup", str(warmup), "--device", device, "--recipe", recipe,
+               "--loader", loader]
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ))
         if out.returncode != 0:
             raise RuntimeError(f"benchmark setting {name!r} failed:\n{out.stderr[-3000:]}")
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     ref = rows[0]["images_per_s"]
+    ref_spread = stats.Summary.from_dict(rows[0]["ms_per_step_spread"])
     for r in rows:
         r["ratio"] = r["images_per_s"] / ref
+        r["warning"] = None if r is rows[0] else stats.ratio_warning(
+            stats.Summary.from_dict(r["ms_per_step_spread"]), ref_spread, f"{r['setting']} vs {rows[0]['setting']}")
     return rows
 
 
 def format_table(rows: list[dict], title: str) -> str:
-    lines = [title, f"{'setting':<28} {'ms/step':>9} {'img/s':>8} {'TFLOP/s':>8} {'peak MB':>9} {'ratio':>6}"]
+    """Median ms/step with IQR and min-max, throughput, TFLOP/s, MFU, peak memory, data wait, ratio; warnings."""
+    lines = [f"{title}; {rows[0]['device_name'] if rows else ''}",
+             f"{'setting':<28} {'ms/step':>9} {'IQR':>15} {'min-max':>15} {'img/s':>8} {'TFLOP/s':>8} {'MFU':>6} "
+             f"{'peak MB':>8} {'data ms':>8} {'ratio':>6}"]
+    warnings = []
     for r in rows:
-        lines.append(f"{r['setting']:<28} {r['ms_per_step']:>9.1f} {r['images_per_s']:>8.2f} {r['tflops']:>8.3f} "
-                     f"{r['peak_mem_mb']:>9.0f} {r['ratio']:>5.2f}x")
-    return "\n".join(lines)
+        s = r["ms_per_step_spread"]
+        mfu = "" if r.get("mfu") is None else f"{r['mfu']:.1%}"
+        data = "" if r.get("data_ms") is None else f"{r['data_ms']['median']:.1f}"
+        lines.append(f"{r['setting']:<28} {r['ms_per_step']:>9.1f} {s['q1']:>7.1f}-{s['q3']:<7.1f} "
+                     f"{s['min']:>7.1f}-{s['max']:<7.1f} {r['images_per_s']:>8.2f} {r['tflops']:>8.3f} {mfu:>6} "
+                     f"{r['peak_mem_mb']:>8.0f} {data:>8} {r['ratio']:>5.2f}x")
+        if r.get("warning"):
+            warnings.append(r["warning"])
+    return "\n".join(lines + warnings)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -123,14 +191,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--recipe", default="cwd-logits", choices=["cwd-logits", "cwd-kd-adv", "baseline"])
+    p.add_argument("--loader", default="none", choices=["none", "png", "cache"],
+                   help="feed steps from the real loader (PNG or image cache) and report its wait time")
+    p.add_argument("--quick", action="store_true", help="smoke test: 2 steps after 1 warm-up step")
     p.add_argument("--compile", action="store_true", help="add the torch.compile row (10-20 s cold start on CPU)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: measure one setting, print JSON
     a = p.parse_args(argv)
     if a.one:
-        print(json.dumps(measure_one(a.one, tuple(a.crop), a.batch, a.steps, a.warmup, a.device, a.recipe)))
+        print(json.dumps(measure_one(a.one, tuple(a.crop), a.batch, a.steps, a.warmup, a.device, a.recipe, a.loader)))
         return
-    rows = run(tuple(a.crop), a.batch, a.steps, a.warmup, a.device, a.recipe, with_compile=a.compile)
+    if a.quick:
+        print(stats.QUICK_BANNER)
+        a.steps, a.warmup = 2, 1
+    rows = run(tuple(a.crop), a.batch, a.steps, a.warmup, a.device, a.recipe, with_compile=a.compile, loader=a.loader)
     print(format_table(rows, f"training step, {a.recipe}, batch {a.batch}, crop {a.crop[0]}x{a.crop[1]}, {a.device}"))
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=2))

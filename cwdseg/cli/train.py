@@ -90,6 +90,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--random-mirror", default=False, **flag, help="random horizontal flip (off in the recipe)")
     g.add_argument("--random-scale", default=False, **flag, help="random scale 0.7..2.1 (off in the recipe)")
     g.add_argument("--cache-images", default=False, **flag, help="keep decoded training images in RAM")
+    g.add_argument("--image-cache", default=None, metavar="DIR",
+                   help="decoded training images memory-mapped from DIR, built there on first use "
+                        "(or by `python -m cwdseg.data cache`); shared by all processes of a machine")
     g.add_argument("--num-workers", type=int, default=4, help="data loader processes")
     g.add_argument("--num_classes", "--num-classes", dest="num_classes", type=int, default=None,
                    help="classes of the networks; default: the dataset's (must agree when given)")
@@ -312,7 +315,7 @@ def build_train_loader(args: argparse.Namespace, info: DistInfo, per_rank: int, 
     train_set = build_dataset(
         args.dataset, args.data_dir, "train", args.data_list, crop_size=args.input_size,
         random_scale=args.random_scale, random_mirror=args.random_mirror, ignore_label=args.ignore_label,
-        cache_images=args.cache_images, verbose=info.is_main,
+        cache_images=args.cache_images, verbose=info.is_main, image_cache=args.image_cache,
     )
     stream = TrainSampleStream(len(train_set), seed=args.seed, rank=info.rank, world_size=info.world_size,
                                start=start_step * per_rank * args.grad_accum)

@@ -280,6 +280,15 @@ def _load_checked_pair(sample: Sample) -> tuple[np.ndarray, np.ndarray | None]:
     return image, label
 
 
+def _load_pair(image_path: str, label_path: str | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """``_load_checked_pair`` by paths: the decoder an image cache stores the output of."""
+    return _load_checked_pair(Sample(image_path, label_path, _sample_name(image_path)))
+
+
+def _quiet(*_args: object) -> None:
+    pass
+
+
 def _png_size(path: str) -> tuple[int, int] | None:
     """(height, width) from a PNG's IHDR chunk without decoding; None when the file is not a PNG."""
     with open(path, "rb") as f:
@@ -378,6 +387,7 @@ class CityscapesDataset(Dataset):
         verbose: bool = True,
         cache_threads: int | None = None,
         normalization: Normalization = CAFFE_BGR,
+        image_cache: str | os.PathLike | None = None,
     ) -> None:
         if crop_size is not None:
             if len(crop_size) != 2 or any(int(c) != c or c < 1 for c in crop_size):
@@ -410,10 +420,19 @@ class CityscapesDataset(Dataset):
         self._mean_lut = normalization.lut()
         self._luts = {train_ids: _label_lut(train_ids, ignore_label) for train_ids in (False, True)}
         self._cache: _DecodedCache | None = None
+        if cache_images and image_cache is not None:
+            raise DatasetError("cache_images (RAM) and image_cache (disk) are alternatives; pass one of them.")
         if cache_images:
             threads = cache_threads or min(8, os.cpu_count() or 1)
             self._cache = _DecodedCache(self.samples, ignore_label, threads)
             source += f"; {self._cache.nbytes / 2**30:.2f} GiB decoded in RAM"
+        self._image_cache = None  # decoded pairs memory-mapped from disk (cwdseg.data.cache)
+        if image_cache is not None:
+            from cwdseg.data.cache import open_image_cache  # lazy: the cache module imports this one
+
+            self._image_cache = open_image_cache(image_cache, [(s.image, s.label) for s in self.samples],
+                                                 _load_pair, threads=cache_threads, log=print if verbose else _quiet)
+            source += f"; {self._image_cache.nbytes / 2**30:.2f} GiB decoded, memory-mapped from {image_cache}"
         if verbose:
             print(f"cityscapes {split}: {len(self.samples)} images ({source}; labels: {self.label_description()})")
 
@@ -434,6 +453,11 @@ class CityscapesDataset(Dataset):
         """True when decoded images are held in RAM (``cache_images=True``)."""
         return self._cache is not None
 
+    @property
+    def image_cache(self):
+        """The memory-mapped ``cwdseg.data.cache.ImageCache`` (``image_cache=DIR``), or None."""
+        return self._image_cache
+
     def __len__(self) -> int:
         return len(self.samples)
 
@@ -443,7 +467,10 @@ class CityscapesDataset(Dataset):
             image, label = self._cache.get(index)
             return image, label, None  # cached labels are already trainIds
         sample = self.samples[index]
-        image, label = _load_checked_pair(sample)
+        if self._image_cache is not None:  # same arrays as _load_checked_pair, decoded once at build time
+            image, label = self._image_cache.read(sample.image, sample.label)
+        else:
+            image, label = _load_checked_pair(sample)
         lut = None if sample.label is None else self._luts[_is_train_id_file(sample.label)]
         return image, label, lut
 
