@@ -93,6 +93,17 @@ def check(command: str, synthetic: Path, tmp_path: Path) -> None:
 
         evaluate.get_args_parser().parse_args(argv[2:])
         return
+    if argv[:2] == ["python", "predict.py"]:
+        from cwdseg.cli import predict
+
+        predict.get_args_parser().parse_args(argv[2:])
+        return
+    if argv[:2] in (["python", "tools/export.py"], ["python", "tools/show_distillation.py"]):
+        from tools import export, show_distillation
+
+        tool = export if argv[1] == "tools/export.py" else show_distillation
+        tool.get_args_parser().parse_args(argv[2:])
+        return
     if argv[:2] == ["python", "tools/reproduce_table.py"]:
         from tools import reproduce_table
 

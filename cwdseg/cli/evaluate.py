@@ -10,7 +10,8 @@ the whole 1024x2048 image in one forward, one scale, no flip, fp32.
 
 The architecture is read from the checkpoint's keys (``--arch`` only double-checks it). With
 ``--save-dir`` it writes ``results.json`` and the predictions: for val colour PNGs (official Cityscapes
-palette), trainId PNGs and labelId PNGs; for test labelId PNGs named ``<city>_<seq>_<frame>_leftImg8bit.png``
+palette), trainId PNGs, labelId PNGs and ``class_iou.png`` (per-class IoU bars; ``--compare`` another
+results.json, e.g. the teacher's, to draw both); for test labelId PNGs named ``<city>_<seq>_<frame>_leftImg8bit.png``
 and ``submission.zip`` of them. The library behind it is :mod:`cwdseg.evaluation`; ``evaluate.py`` and ``cwd-eval`` call :func:`cli`.
 """
 from __future__ import annotations
@@ -34,6 +35,7 @@ from cwdseg.evaluation.loop import SPLITS, EvaluationError, _as_amp_dtype, build
     evaluate_model, load_model, sha256_file
 from cwdseg.evaluation.metrics import format_table
 from cwdseg.evaluation.official import run_official_check
+from cwdseg.viz.bars import plot_results_iou
 
 __all__ = ["EvaluationError", "_as_amp_dtype", "build_eval_dataset", "build_eval_loader", "evaluate_model",
            "get_args_parser", "load_model", "main", "cli"]
@@ -91,7 +93,27 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="write results.json and prediction PNGs here; without it only the metrics are printed")
     g.add_argument("--official-check", action="store_true",
                    help="after writing the labelId PNGs (val, needs --save-dir), score them with cityscapesscripts")
+    g.add_argument("--compare", default=None, metavar="RESULTS_JSON",
+                   help="another evaluation's results.json (e.g. the teacher's): its IoU bars go beside these "
+                        "in class_iou.png (val, with --save-dir)")
     return p
+
+
+def _read_compare(parser: argparse.ArgumentParser, args: argparse.Namespace, names: list[str]) -> dict[str, Any] | None:
+    """The --compare results.json (checked: a val evaluation with per-class IoU), or None."""
+    if args.compare is None:
+        return None
+    if args.save_dir is None or args.split != "val":
+        parser.error("--compare draws class_iou.png beside a val evaluation: pass --split val and --save-dir")
+    try:
+        other = json.loads(Path(args.compare).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        parser.error(f"--compare {args.compare}: cannot read it as JSON ({exc})")
+    if not isinstance(other, dict) or not isinstance(other.get("per_class_iou"), dict):
+        parser.error(f"--compare {args.compare}: not an evaluate.py results.json of the val split (no per_class_iou)")
+    if list(other["per_class_iou"]) != names:
+        parser.error(f"--compare {args.compare}: it scores other classes than this evaluation ({len(names)} classes)")
+    return other
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -111,6 +133,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     elif args.num_classes != info.num_classes:
         parser.error(f"--num-classes {args.num_classes} contradicts --dataset {args.dataset}, which has "
                      f"{info.num_classes} classes; drop --num-classes")
+    compare = _read_compare(parser, args, list(info.class_names))
     device = resolve_device(args.device, args.gpu)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # every image has the same size
@@ -154,6 +177,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=2) + "\n")
         print(f"wrote {out}")
+        if args.split == "val":
+            print(f"wrote {plot_results_iou(results, out.parent / 'class_iou.png', compare)}")
     return results
 
 
