@@ -213,8 +213,11 @@ def _load_strict(model: nn.Module, sd: dict, path: Any, what: str) -> None:
     mismatched = [(k, tuple(sd[k].shape), tuple(target[k].shape)) for k in target
                   if k in sd and sd[k].shape != target[k].shape]
     if missing or unexpected or mismatched:
-        raise CheckpointError(_mismatch_report(path, what, missing, unexpected, mismatched,
-                                               _hints(sd, _arch_of(model))))
+        hints = _hints(sd, _arch_of(model))
+        if "head.weight" in sd and "head.weight" in target and sd["head.weight"].shape[0] != target["head.weight"].shape[0]:
+            hints.insert(0, f"the file has {sd['head.weight'].shape[0]} classes, the model "
+                            f"{target['head.weight'].shape[0]}: set --num_classes {sd['head.weight'].shape[0]}")
+        raise CheckpointError(_mismatch_report(path, what, missing, unexpected, mismatched, hints))
     result = model.load_state_dict(sd, strict=False)  # counters (if the model has any) stay as they are
     leftover = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
     if leftover or result.unexpected_keys:  # cannot happen after the checks above; guard anyway

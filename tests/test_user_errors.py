@@ -329,12 +329,15 @@ def _serialised(obj) -> bytes:
 # ------------------------------------------------------------------------------------------------
 # exp_cwd.sh
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("positional, message", [
+BAD_EXP_CWD = [
     (["channel", "kl", "3", "4", "False", "False", "False", "--demo"],
      "VERSION is missing: got the flag '--demo' as the 8th positional argument"),
     (["channel", "kl", "3", "0", "False", "False", "False", "v1"], "TEMPERATURE must be > 0, got '0'"),
     (["channel", "kl", "3", "0.0e3", "False", "False", "False", "v1"], "TEMPERATURE must be > 0, got '0.0e3'"),
-])
+]
+
+
+@pytest.mark.parametrize("positional, message", BAD_EXP_CWD)
 def test_exp_cwd_refuses_a_missing_version_and_zero_temperature(positional, message, tmp_path):
     proc = run(["bash", str(ROOT / "exp_cwd.sh"), *positional, "--save-dir", str(tmp_path)])
     assert proc.returncode == 2
@@ -343,5 +346,21 @@ def test_exp_cwd_refuses_a_missing_version_and_zero_temperature(positional, mess
     assert list(tmp_path.iterdir()) == [], "nothing was started"
 
 
-# Counted in README.md's Troubleshooting section.
-BAD_INPUT_CASES = len(BAD_TRAIN_VALUES) + len(BAD_EVAL_VALUES) + 13
+# The one-case tests above, by name; with the three tables, the count in README.md's Troubleshooting.
+SINGLE_CASES = [
+    test_train_refuses_a_read_only_save_dir, test_evaluate_refuses_a_read_only_save_dir,
+    test_evaluate_save_dir_of_another_checkpoint, test_list_line_without_its_label,
+    test_bad_png_inside_a_loader_worker_is_one_line, test_second_run_into_a_busy_folder,
+    test_stale_lock_is_taken_over_and_a_complete_run_is_a_no_op, test_resume_refuses_a_changed_teacher_file_by_content,
+    test_full_disk_names_the_file_and_the_bytes, test_failed_write_keeps_the_previous_checkpoint,
+]
+BAD_INPUT_CASES = len(BAD_TRAIN_VALUES) + len(BAD_EVAL_VALUES) + len(BAD_EXP_CWD) + len(SINGLE_CASES)
+
+
+def test_readme_counts_the_cases():
+    text = (ROOT / "README.md").read_text()
+    assert f"covers these **{BAD_INPUT_CASES} cases**" in text
+    assert f"train.py values ({len(BAD_TRAIN_VALUES)})" in text and f"evaluate.py values ({len(BAD_EVAL_VALUES)})" in text
+    assert f"folders and files ({len(SINGLE_CASES)})" in text
+    for argv, _ in BAD_TRAIN_VALUES + BAD_EVAL_VALUES:
+        assert f"`{' '.join(argv)}`" in text or argv[0] == "--resume", argv
