@@ -83,7 +83,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "none (fp32) reproduces the published numbers")
     g.add_argument("--batch-size", type=int, default=1, help="images per forward (1 keeps 1024x2048 memory sane)")
     g.add_argument("--num-workers", type=int, default=default_num_workers(),
-                   help="data-loading processes (default: from this machine's cores)")
+                   help="data-loading processes; the default fits this machine's cores")
     # "%(default).0s" prints nothing: it keeps the formatter from adding "(default: True)" to a flag that turns it off.
     g.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress output (default: a bar on a terminal, plain lines in a log)%(default).0s")

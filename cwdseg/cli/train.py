@@ -86,7 +86,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--random-scale", default=False, **flag, help="random scale 0.7..2.1 (off in the recipe)")
     g.add_argument("--cache-images", default=False, **flag, help="keep decoded training images in RAM")
     g.add_argument("--num-workers", type=int, default=default_num_workers(),
-                   help="data loader processes (default: from this machine's cores)")
+                   help="data loader processes; the default fits this machine's cores")
     g.add_argument("--num_classes", "--num-classes", dest="num_classes", type=int, default=19)
     g.add_argument("--ignore-label", type=int, default=255)
 
@@ -412,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
                     validation.intermediate(models, engine, step, log)
                 barrier()
     finally:
+        stop.restore()  # past the loop, Ctrl-C interrupts as usual (the final save and evaluation)
         log.close()
 
     # save -> evaluate
