@@ -266,6 +266,16 @@ def test_resume_refuses_a_changed_teacher_file_by_content(data_dir, tmp_path):
     assert config["resumes"][-1]["changed"]["T_ckpt_path"] == {"was": str(teacher), "now": str(moved)}
 
 
+def test_checkpoint_of_another_class_count_names_both(student_files):
+    from cwdseg import checkpoint as ckpt
+    from cwdseg.models import build_model
+
+    with pytest.raises(ckpt.CheckpointError) as exc:
+        ckpt.load_student(build_model("resnet18", num_classes=5), student_files[0])
+    first_hint = str(exc.value).splitlines()[1]
+    assert first_hint == "  hint: the file has 19 classes, the model 5: set --num_classes 19"
+
+
 # ------------------------------------------------------------------------------------------------
 # Space
 # ------------------------------------------------------------------------------------------------
@@ -352,6 +362,7 @@ SINGLE_CASES = [
     test_bad_png_inside_a_loader_worker_is_one_line, test_second_run_into_a_busy_folder,
     test_stale_lock_is_taken_over_and_a_complete_run_is_a_no_op, test_resume_refuses_a_changed_teacher_file_by_content,
     test_full_disk_names_the_file_and_the_bytes, test_failed_write_keeps_the_previous_checkpoint,
+    test_checkpoint_of_another_class_count_names_both,
 ]
 BAD_INPUT_CASES = len(BAD_TRAIN_VALUES) + len(BAD_EVAL_VALUES) + len(BAD_EXP_CWD) + len(SINGLE_CASES)
 
