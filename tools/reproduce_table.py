@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from cwdseg.checkpoint import CheckpointError
+from cwdseg.cli.checks import writable_folder_error
+from cwdseg.data import DatasetError
 from cwdseg.engine.distributed import DeviceError, resolve_device
 from cwdseg.engine.precision import AMP_CHOICES
 from cwdseg.evaluation.loop import EvaluationError, build_eval_dataset, build_eval_loader, evaluate_model, \
@@ -186,12 +188,16 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the table; returns the exit status (1 when nothing could be evaluated)."""
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
     out_dir = Path(args.out_dir)
+    unwritable = writable_folder_error("--out-dir", out_dir)  # before the evaluations, not after them
+    if unwritable:
+        parser.error(unwritable)
     try:
         rows = reproduce(args.ckpt_dir, args.data_dir, args.split, args.max_images, args.device, out_dir,
                          args.batch_size, args.num_workers, args.amp, args.progress, tolerance=args.tolerance)
-    except (EvaluationError, DeviceError) as exc:
+    except (EvaluationError, DeviceError, DatasetError) as exc:
         print(f"reproduce_table: error: {exc}", file=sys.stderr)
         return 2
     table = format_markdown(rows, args.split, args.max_images)
