@@ -22,7 +22,7 @@ usage: bash exp_cwd.sh NORM DIVERGENCE WEIGHT TEMPERATURE KD ADV FEAT VERSION [t
   KD           True | False   pixel-wise KD on the logits (lambda_kd 10)
   ADV          True | False   holistic adversarial distillation (WGAN-GP)
   FEAT         True | False   CWD on the PSP feature through a connector instead of the logits
-  VERSION      any tag; only used in the run name
+  VERSION      any tag not starting with '-'; only used in the run name
 run name: ${KD}_${ADV}_${FEAT}_${NORM}_${DIVERGENCE}_${WEIGHT}_${TEMPERATURE}_${VERSION}, written to ckpt/<name>/
 USAGE
 }
@@ -38,10 +38,13 @@ case "$DIVERGENCE" in kl|mse) ;; *) fail "DIVERGENCE must be kl or mse, got '$DI
 is_number() { [[ "$1" =~ ^[0-9]+([.][0-9]*)?([eE][-+]?[0-9]+)?$|^[.][0-9]+$ ]]; }
 is_number "$WEIGHT" || fail "WEIGHT must be a non-negative number, got '$WEIGHT'"
 is_number "$TEMPERATURE" || fail "TEMPERATURE must be a positive number, got '$TEMPERATURE'"
+[[ "$TEMPERATURE" =~ [1-9] && ! "$TEMPERATURE" =~ ^[0.]*[eE] ]] || fail "TEMPERATURE must be > 0, got '$TEMPERATURE'"
 for pair in "KD:$KD" "ADV:$ADV" "FEAT:$FEAT"; do
   case "${pair#*:}" in True|False) ;; *) fail "${pair%%:*} must be True or False, got '${pair#*:}'";; esac
 done
 [ -n "$VERSION" ] || fail "VERSION must not be empty"
+# A flag in VERSION's place means VERSION was left out (train.py's flags come after all eight).
+[[ "$VERSION" != -* ]] || fail "VERSION is missing: got the flag '$VERSION' as the 8th positional argument"
 
 NAME="${KD}_${ADV}_${FEAT}_${NORM}_${DIVERGENCE}_${WEIGHT}_${TEMPERATURE}_${VERSION}"
 PYTHON=${PYTHON:-python}

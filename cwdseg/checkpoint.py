@@ -22,10 +22,13 @@ not have and our ABN does not use, are ignored on load and never written.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import os
 import pickle
 import re
+import shutil
 import tempfile
 from collections import OrderedDict
 from pathlib import Path
@@ -210,8 +213,11 @@ def _load_strict(model: nn.Module, sd: dict, path: Any, what: str) -> None:
     mismatched = [(k, tuple(sd[k].shape), tuple(target[k].shape)) for k in target
                   if k in sd and sd[k].shape != target[k].shape]
     if missing or unexpected or mismatched:
-        raise CheckpointError(_mismatch_report(path, what, missing, unexpected, mismatched,
-                                               _hints(sd, _arch_of(model))))
+        hints = _hints(sd, _arch_of(model))
+        if "head.weight" in sd and "head.weight" in target and sd["head.weight"].shape[0] != target["head.weight"].shape[0]:
+            hints.insert(0, f"the file has {sd['head.weight'].shape[0]} classes, the model "
+                            f"{target['head.weight'].shape[0]}: set --num_classes {sd['head.weight'].shape[0]}")
+        raise CheckpointError(_mismatch_report(path, what, missing, unexpected, mismatched, hints))
     result = model.load_state_dict(sd, strict=False)  # counters (if the model has any) stay as they are
     leftover = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
     if leftover or result.unexpected_keys:  # cannot happen after the checks above; guard anyway
@@ -329,31 +335,77 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: str | os.PathLike, write) -> None:
+class SaveError(CheckpointError):
+    """A file could not be written (no space, no permission); the previous file at that path is intact."""
+
+
+def free_bytes(folder: str | os.PathLike) -> int:
+    """Bytes an unprivileged writer may still use on ``folder``'s filesystem."""
+    return shutil.disk_usage(folder).free
+
+
+def _atomic_write(path: str | os.PathLike, data: bytes | memoryview) -> None:
+    """Write ``data`` to ``path`` atomically: temp file in the same folder, flush + fsync,
+    ``os.replace``, fsync of the folder. The bytes are known before the first write, so a lack of
+    space is reported before anything is written (the old file stays until the new one is complete:
+    the filesystem must hold one new file beside it), and a write that fails anyway (ENOSPC, a quota,
+    permissions) is a :class:`SaveError` naming the file, the bytes needed and the bytes free."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    needed = len(data)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        free = free_bytes(path.parent)
+        if needed > free:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise _save_error(path, needed, exc) from None
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)  # a reader sees the old file or the complete new one, never half
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise _save_error(path, needed, exc) from None
         raise
     _fsync_dir(path.parent)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _save_error(path: Path, needed: int, exc: OSError) -> SaveError:
+    kept = " (the previous file is intact)" if path.exists() else ""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        try:
+            free = free_bytes(path.parent)
+        except OSError:
+            free = -1
+        return SaveError(f"cannot write {path}{kept}: no space left: it needs {needed} bytes, {free} bytes are "
+                         "free there; free some space or choose another --save-dir")
+    return SaveError(f"cannot write {path}{kept}: {exc.strerror or exc}; check that the folder is writable "
+                     "or choose another --save-dir")
+
+
 def atomic_save(obj: Any, path: str | os.PathLike, legacy_format: bool = False) -> None:
-    """``torch.save(obj)`` to ``path`` atomically: temp file in the same folder, flush + fsync,
-    ``os.replace``, fsync of the folder. ``legacy_format`` writes the pre-1.6 serialization."""
-    _atomic_write(path, lambda f: torch.save(obj, f, _use_new_zipfile_serialization=not legacy_format))
+    """``torch.save(obj)`` to ``path`` atomically (see :func:`_atomic_write`). The file is serialised
+    in memory first, so its size is known before the disk is touched. ``legacy_format`` writes the
+    pre-1.6 serialization."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer, _use_new_zipfile_serialization=not legacy_format)
+    _atomic_write(path, buffer.getbuffer())
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write a UTF-8 text file atomically (as :func:`atomic_save`)."""
-    _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+    _atomic_write(path, text.encode("utf-8"))
 
 
 def save_student(model: nn.Module, path: str | os.PathLike) -> None:

@@ -19,15 +19,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from cwdseg.checkpoint import CheckpointError
+from cwdseg.checkpoint import CheckpointError, atomic_write_text
+from cwdseg.cli.checks import eval_value_errors
 from cwdseg.data import DatasetError
 from cwdseg.data.registry import DATASETS, dataset_info
+from cwdseg.data.cityscapes import default_num_workers
 from cwdseg.engine.distributed import DeviceError, resolve_device
 from cwdseg.engine.precision import AMP_CHOICES
 from cwdseg.evaluation.inference import parse_overlap
@@ -35,6 +38,7 @@ from cwdseg.evaluation.loop import SPLITS, EvaluationError, _as_amp_dtype, build
     evaluate_model, load_model, sha256_file
 from cwdseg.evaluation.metrics import format_table
 from cwdseg.evaluation.official import run_official_check
+from cwdseg.evaluation.writers import COLOR_DIR, LABEL_ID_DIR, PANEL_DIR, SUBMISSION_ZIP, TRAIN_ID_DIR
 from cwdseg.viz.bars import plot_results_iou
 
 __all__ = ["EvaluationError", "_as_amp_dtype", "build_eval_dataset", "build_eval_loader", "evaluate_model",
@@ -86,11 +90,16 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="autocast dtype of the network forward (auto: bf16 on a GPU that has it, else none); "
                         "none (fp32) reproduces the published numbers")
     g.add_argument("--batch-size", type=int, default=1, help="images per forward (1 keeps 1024x2048 memory sane)")
-    g.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1), help="data-loading processes")
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    g.add_argument("--num-workers", type=int, default=default_num_workers(),
+                   help="data-loading processes; the default fits this machine's cores")
+    # "%(default).0s" prints nothing: it keeps the formatter from adding "(default: True)" to a flag that turns it off.
+    g.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress output (default: a bar on a terminal, plain lines in a log)%(default).0s")
     g = p.add_argument_group("output")
     g.add_argument("--save-dir", default=None,
                    help="write results.json and prediction PNGs here; without it only the metrics are printed")
+    g.add_argument("--overwrite", action="store_true",
+                   help="clear a --save-dir that holds another checkpoint's outputs first (without it: refused)")
     g.add_argument("--official-check", action="store_true",
                    help="after writing the labelId PNGs (val, needs --save-dir), score them with cityscapesscripts")
     g.add_argument("--compare", default=None, metavar="RESULTS_JSON",
@@ -116,14 +125,53 @@ def _read_compare(parser: argparse.ArgumentParser, args: argparse.Namespace, nam
     return other
 
 
+# What evaluate.py writes into --save-dir (all that --overwrite removes).
+OUTPUTS = ("results.json", "class_iou.png", COLOR_DIR, TRAIN_ID_DIR, LABEL_ID_DIR, PANEL_DIR, SUBMISSION_ZIP)
+
+
+def prepare_save_dir(save_dir: Path, checkpoint: str, overwrite: bool) -> None:
+    """Refuse a non-empty ``save_dir`` that was not written for ``checkpoint`` (its results.json names
+    another file by sha256, or it has none), so predictions of two checkpoints never sit side by side;
+    ``overwrite`` clears evaluate.py's outputs first (and refuses folders holding anything else)."""
+    if not save_dir.is_dir() or not any(save_dir.iterdir()):
+        return
+    results = save_dir / "results.json"
+    previous = None
+    if results.is_file():
+        try:
+            previous = json.loads(results.read_text()).get("checkpoint", {})
+        except (json.JSONDecodeError, AttributeError):
+            previous = None
+    same = previous is not None and previous.get("sha256") == sha256_file(checkpoint)
+    if same and not overwrite:
+        return  # the same checkpoint again: its files are replaced one for one
+    if not overwrite:
+        owner = f"{previous.get('path')} (sha256 {str(previous.get('sha256'))[:12]})" if previous else \
+            "no results.json: an unfinished evaluation or other files"
+        raise EvaluationError(f"--save-dir {save_dir} already holds outputs of another checkpoint ({owner}); "
+                              f"choose an empty --save-dir, or pass --overwrite to clear it first")
+    foreign = sorted(p.name for p in save_dir.iterdir() if p.name not in OUTPUTS)
+    if foreign:
+        raise EvaluationError(f"--save-dir {save_dir} holds files evaluate.py did not write ({', '.join(foreign[:5])}); "
+                              "--overwrite clears only evaluation outputs: choose another --save-dir")
+    for name in OUTPUTS:
+        path = save_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    print(f"--overwrite: cleared the previous outputs in {save_dir}")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Parse ``argv``, evaluate, print the table, write ``results.json`` with --save-dir; returns the results."""
     parser = get_args_parser()
     args = parser.parse_args(argv)
     if args.official_check and (args.save_dir is None or args.split != "val"):
         parser.error("--official-check scores the labelId PNGs of the val split: pass --split val and --save-dir")
-    if args.batch_size < 1 or args.tile_batch < 1 or args.num_workers < 0:
-        parser.error("--batch-size and --tile-batch must be >= 1, --num-workers >= 0")
+    errors = eval_value_errors(args)
+    if errors:
+        parser.error("; ".join(errors))
     if args.official_check and args.dataset != "cityscapes":
         parser.error("--official-check runs cityscapesscripts, which scores Cityscapes only; drop it for "
                      f"--dataset {args.dataset}")
@@ -139,6 +187,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.backends.cudnn.benchmark = True  # every image has the same size
 
     model, arch = load_model(args.restore_from, args.arch, args.num_classes)
+    if args.save_dir is not None:
+        prepare_save_dir(Path(args.save_dir), args.restore_from, args.overwrite)
     dataset = build_eval_dataset(args.data_dir, args.split, args.data_list, args.max_images, dataset=args.dataset,
                                  short_side=args.short_side)
     loader = build_eval_loader(dataset, args.batch_size, args.num_workers)
@@ -175,7 +225,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.save_dir is not None:
         out = Path(args.save_dir) / "results.json"
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=2) + "\n")
+        atomic_write_text(out, json.dumps(results, indent=2) + "\n")
         print(f"wrote {out}")
         if args.split == "val":
             print(f"wrote {plot_results_iou(results, out.parent / 'class_iou.png', compare)}")
@@ -189,6 +239,9 @@ def cli(argv: list[str] | None = None) -> int:
     except (EvaluationError, CheckpointError, DatasetError, DeviceError) as exc:
         print(f"evaluate.py: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("evaluate.py: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import random
-import signal
 import sys
 import time
 from pathlib import Path
@@ -29,15 +28,18 @@ from cwdseg import checkpoint as ckpt
 from cwdseg.cli.recipes import RECIPES
 from cwdseg.data import DatasetError
 from cwdseg.data.registry import DATASETS, build_dataset, dataset_info
-from cwdseg.data.cityscapes import build_loader
+from cwdseg.data.cityscapes import build_loader, default_num_workers
 from cwdseg.data.sampling import TrainSampleStream
 from cwdseg.distill.registry import PRESETS, TERM_NAMES, DistillSpecError, resolve_spec, spec_run_name
 from cwdseg.engine.build import RANDOM, Engine, Models, build_criteria, build_engine, build_models, build_optimizers
 from cwdseg.engine.distributed import DeviceError, DistInfo, barrier, cleanup, init_distributed
 from cwdseg.engine.precision import AMP_CHOICES
 from cwdseg.engine.runlog import RunLog, StepWindow, code_version, peak_tflops
-from cwdseg.engine.state import jsonable, load_last, save_last
+from cwdseg.engine import runlock
+from cwdseg.engine.signals import STOP_SIGNAL_CHOICES, StopRequest, resume_hint
+from cwdseg.engine.state import jsonable, load_last, save_last, write_config as record_config
 from cwdseg.engine.step import poly_lr, set_lr, train_step
+from cwdseg.cli.checks import train_value_errors
 from cwdseg.evaluation.loop import EvaluationError, build_eval_dataset, build_eval_loader, evaluate_model
 from cwdseg.models.summary import training_step_flops
 
@@ -94,7 +96,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--image-cache", default=None, metavar="DIR",
                    help="decoded training images memory-mapped from DIR, built there on first use "
                         "(or by `python -m cwdseg.data cache`); shared by all processes of a machine")
-    g.add_argument("--num-workers", type=int, default=4, help="data loader processes")
+    g.add_argument("--num-workers", type=int, default=default_num_workers(),
+                   help="data loader processes; the default fits this machine's cores")
     g.add_argument("--num_classes", "--num-classes", dest="num_classes", type=int, default=None,
                    help="classes of the networks; default: the dataset's (must agree when given)")
     g.add_argument("--ignore-label", type=int, default=255)
@@ -147,7 +150,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-every", "--save-ckpt-every", dest="save_every", type=int, default=0,
                    help="also write city_<step>_G.pth every N steps (0: only at the end, as the original)")
     g.add_argument("--save-last-every", type=int, default=500,
-                   help="write the resumable last.pth every N steps (and at the end, and on SIGTERM)")
+                   help="write the resumable last.pth every N steps (and at the end, and on a stop signal)")
+    g.add_argument("--stop-signal", default="USR1", choices=STOP_SIGNAL_CHOICES,
+                   help="a scheduler's early-warning signal (e.g. Slurm --signal=USR1@120): like SIGTERM and "
+                        "Ctrl-C, it saves last.pth after the current step and exits")
+    g.add_argument("--force", action="store_true", help="finish a run that is already complete again")
     g.add_argument("--eval-every", type=int, default=0, help="evaluate on val every N steps (0: only at the end)")
     g.add_argument("--save-best", default=False, **flag,
                    help="keep the best-val student as best_val_G.pth (labelled as selected on val)")
@@ -248,6 +255,7 @@ def resolve_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("save_every", "eval_every", "num_workers"):
         if getattr(args, name) < 0:
             errors.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    errors += train_value_errors(args)
     if errors:
         parser.error("; ".join(errors))
     return args
@@ -256,16 +264,6 @@ def resolve_args(argv: list[str] | None = None) -> argparse.Namespace:
 # --------------------------------------------------------------------------------------------------
 # Pieces of main
 # --------------------------------------------------------------------------------------------------
-class StopFlag:
-    """SIGTERM (cluster preemption) asks the loop to save last.pth and exit after the current step."""
-
-    def __init__(self) -> None:
-        self.requested = False
-
-    def __call__(self, signum, frame) -> None:
-        self.requested = True
-
-
 def seed_everything(seed: int, deterministic: bool, device: torch.device) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -316,11 +314,11 @@ def resume_step(args: argparse.Namespace, run_dir: Path, models: Models, opt_g, 
     return step
 
 
-def write_config(args: argparse.Namespace, info: DistInfo, run_dir: Path, per_rank: int) -> None:
+def write_config(args: argparse.Namespace, info: DistInfo, run_dir: Path, per_rank: int, start_step: int) -> None:
     config = {k: jsonable(v) for k, v in vars(args).items()}
     config.update(code_version=code_version(), torch_version=torch.__version__, world_size=info.world_size,
                   per_rank_batch=per_rank, device=str(info.device))
-    ckpt.atomic_write_text(run_dir / "config.json", json.dumps(config, indent=2) + "\n")
+    record_config(run_dir, config, start_step)  # a resume appends a record instead of rewriting
 
 
 def build_train_loader(args: argparse.Namespace, info: DistInfo, per_rank: int, start_step: int):
@@ -404,18 +402,6 @@ def finish_run(args: argparse.Namespace, info: DistInfo, run_dir: Path, models: 
           f"{', eval.json' if args.eval else ''})")
 
 
-def agree_to_stop(stop: StopFlag, step: int, args: argparse.Namespace, info: DistInfo) -> bool:
-    """Whether to stop after this step. Every rank must stop at the same step; agreeing costs a host
-    sync, so under torchrun it is done on log steps only (preemption grace is much longer)."""
-    if not info.distributed:
-        return stop.requested
-    if step % args.log_every:
-        return False
-    flag = torch.tensor([float(stop.requested)], device=info.device)
-    torch.distributed.all_reduce(flag)
-    return bool(flag.item())
-
-
 # --------------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------------
@@ -432,7 +418,11 @@ def main(argv: list[str] | None = None) -> int:
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     barrier()
+    runlock.acquire_for_run(run_dir, info)  # one run per folder; released at exit
     log = RunLog(None, 0, 0, enabled=info.is_main)  # plain messages until the loop starts
+    if not args.force and (done := runlock.completed_message(run_dir, args)):
+        log(done)
+        return 0
     if info.distributed or args.grad_accum > 1:
         log(f"batch {args.batch_size} per step = {info.world_size} process(es) x {args.grad_accum} micro-batch(es) "
             f"x {per_rank} images (the recipe's effective batch is kept)")
@@ -443,10 +433,9 @@ def main(argv: list[str] | None = None) -> int:
     opt_g, opt_d = build_optimizers(args, models)
     start_step = resume_step(args, run_dir, models, opt_g, opt_d, engine, log)
     if info.is_main:
-        write_config(args, info, run_dir, per_rank)
+        write_config(args, info, run_dir, per_rank, start_step)
     loader = build_train_loader(args, info, per_rank, start_step)
-    stop = StopFlag()
-    signal.signal(signal.SIGTERM, stop)
+    stop = StopRequest().install(args.stop_signal)
     flops = training_step_flops("resnet18", args.teacher_arch if models.teacher is not None else None,
                                 args.input_size, args.batch_size)
     validation = Validation(args, run_dir)
@@ -472,11 +461,11 @@ def main(argv: list[str] | None = None) -> int:
                 window.reset()
             if info.is_main and args.save_every and step % args.save_every == 0 and step < args.num_steps:
                 ckpt.save_student(models.student_module, run_dir / f"city_{step - 1}_G.pth")
-            stopping = agree_to_stop(stop, step, args, info)
+            stopping = stop.agreed(step, args.log_every, info)
             if info.is_main and (step % args.save_last_every == 0 or step == args.num_steps or stopping):
                 save_last(last_path, step, models, opt_g, opt_d, engine, args, step * per_rank * args.grad_accum)
             if stopping:
-                log(f"SIGTERM: saved {last_path} at step {step}; rerun the same command to resume")
+                log(f"{stop.signal_name}: saved {last_path} at step {step}/{args.num_steps}; {resume_hint()}")
                 barrier()
                 return 0
             if args.eval_every and step % args.eval_every == 0 and step < args.num_steps:
@@ -484,6 +473,7 @@ def main(argv: list[str] | None = None) -> int:
                     validation.intermediate(models, engine, step, log)
                 barrier()
     finally:
+        stop.restore()  # past the loop, Ctrl-C interrupts as usual (the final save and evaluation)
         log.close()
 
     # save -> evaluate
@@ -497,9 +487,12 @@ def cli(argv: list[str] | None = None) -> int:
     the problems a user fixes (a missing or wrong file, a bad dataset folder, a device flag)."""
     try:
         return main(argv)
-    except (ckpt.CheckpointError, DatasetError, DeviceError, EvaluationError) as exc:
+    except (ckpt.CheckpointError, DatasetError, DeviceError, EvaluationError, runlock.RunLockError) as exc:
         print(f"train.py: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("train.py: aborted; last.pth is as last saved (a save in progress was discarded)", file=sys.stderr)
+        return 130
     finally:
         cleanup()
 

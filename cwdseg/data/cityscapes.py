@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import struct
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +46,19 @@ CITYSCAPES_COUNTS = {"train": 2975, "val": 500, "test": 1525}
 
 
 class DatasetError(RuntimeError):
-    """Bad or missing dataset input; the message names the file and what to do."""
+    """Bad or missing dataset input; the message names the file and what to do.
+
+    Raised in a DataLoader worker, it reaches the main process re-built from torch's text
+    ("Caught DatasetError in DataLoader worker process 0. Original Traceback ... DatasetError: <message>");
+    only ``<message>`` is kept, so the user sees the one clear line and not the worker's traceback.
+    """
+
+    _WORKER_PREFIX = "Caught DatasetError in DataLoader worker"
+
+    def __init__(self, message: str = "") -> None:
+        if isinstance(message, str) and message.startswith(self._WORKER_PREFIX) and "DatasetError: " in message:
+            message = message.rsplit("DatasetError: ", 1)[1].strip() + " (raised in a data loader worker)"
+        super().__init__(message)
 
 
 @dataclass
@@ -83,11 +97,13 @@ def _missing_message(what: str, missing: Sequence[str], total: int, hint: str) -
     return f"{len(missing)} of {total} {what}:\n  {shown}{more}\n{hint}"
 
 
-def read_list_file(list_path: str | os.PathLike, root: str | os.PathLike) -> list[Sample]:
+def read_list_file(list_path: str | os.PathLike, root: str | os.PathLike, split: str | None = None) -> list[Sample]:
     """Parse an original-format list file: ``image<TAB>label`` per line (image only for test splits).
 
     Paths are relative to ``root`` (absolute paths are kept). Fields may be separated by any whitespace,
-    as the original's ``line.split()``; blank lines are skipped. Every listed file must exist.
+    as the original's ``line.split()``; blank lines are skipped. Every listed file must exist. Given a
+    ``split`` other than ``test``, every line must name its label (an image-only line there would be
+    scored as all-ignored and give mIoU 0 without a word).
     """
     root_path = _check_root(root)
     list_file = Path(list_path).expanduser()
@@ -103,6 +119,10 @@ def read_list_file(list_path: str | os.PathLike, root: str | os.PathLike) -> lis
         if len(fields) > 2:
             raise DatasetError(f"{list_file}:{line_no}: expected 'image<TAB>label' or 'image', got {len(fields)} "
                                f"fields: {line!r}")
+        if len(fields) == 1 and split is not None and split != "test":
+            raise DatasetError(f"{list_file}:{line_no}: the {split} split needs 'image<TAB>label' on every line, "
+                               f"this line has no label column: {line!r}; add the label path (only test lists "
+                               "may be image-only)")
         image = str(root_path / fields[0])
         label = str(root_path / fields[1]) if len(fields) == 2 else None
         for path in (image, label):
@@ -412,7 +432,7 @@ class CityscapesDataset(Dataset):
             if expected not in (None, len(self.samples)) and not (Path(self.root) / "synthetic.json").is_file():
                 source += f"; the full Cityscapes {split} split has {expected}"
         else:
-            self.samples = read_list_file(list_path, self.root)
+            self.samples = read_list_file(list_path, self.root, split)
             if label_type == "labelTrainIds":
                 self.samples = _to_train_id_files(self.samples, str(list_path))
             source = f"list {list_path}"
@@ -496,9 +516,28 @@ class CityscapesDataset(Dataset):
 # ------------------------------------------------------------------------------------------------ loading
 
 def worker_init_fn(worker_id: int) -> None:
-    """DataLoader worker setup: OpenCV single-threaded, so N workers use N cores, not N x cores."""
+    """DataLoader worker setup: OpenCV single-threaded, so N workers use N cores, not N x cores.
+
+    Workers ignore SIGINT, SIGUSR1/2 and any SIGTERM that does not come from their main process:
+    Ctrl-C and a scheduler's SIGTERM reach the whole process group, and the main process still needs
+    its workers to finish the step before it saves (``cwdseg.engine.signals``). A SIGTERM from the
+    main process (how it shuts workers down at exit) still ends the worker, as torch's own handler
+    does; the sender is known only to ``sigwaitinfo``, hence the blocked signal and the small thread.
+    """
     cv2.setNumThreads(0)
     cv2.ocl.setUseOpenCL(False)
+    for name in ("SIGINT", "SIGUSR1", "SIGUSR2"):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+    if hasattr(signal, "sigwaitinfo"):  # Linux; elsewhere torch's default (die on SIGTERM) stays
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        threading.Thread(target=_exit_on_parent_sigterm, args=(os.getppid(),), daemon=True,
+                         name="sigterm-from-parent").start()
+
+
+def _exit_on_parent_sigterm(parent: int) -> None:
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+            os._exit(0)
 
 
 def default_num_workers() -> int:

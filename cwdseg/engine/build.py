@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -155,8 +156,13 @@ def build_models(args: argparse.Namespace, info: DistInfo, log) -> Models:
         if teacher is not None:
             teacher = torch.compile(teacher)
     if info.distributed:
+        # No buffer broadcast in forward (average_buffers keeps BN statistics equal); torch >= 2.13 spells
+        # it forward_sync_buffers and warns on every rank for the old name. The init sync it keeps copies
+        # rank 0's buffers, which equal every rank's (same seed).
+        no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
+                   inspect.signature(nn.parallel.DistributedDataParallel).parameters else {"broadcast_buffers": False})
         student = nn.parallel.DistributedDataParallel(
-            student, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
+            student, device_ids=[device.index] if device.type == "cuda" else None, **no_sync,
         )
     return Models(student, student_module, teacher, connector, discriminator)
 

@@ -1,7 +1,14 @@
 """Resume state: everything ``last.pth`` holds (weights, optimisers, scaler, RNGs, sampler position, recipe)."""
 from __future__ import annotations
 
+import datetime
+import hashlib
+import json
+import os
 import random
+import shlex
+import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +16,7 @@ import numpy as np
 import torch
 
 from cwdseg import checkpoint as ckpt
-from cwdseg.engine.build import Engine, Models
+from cwdseg.engine.build import RANDOM, Engine, Models, needs_teacher
 
 
 RECIPE_KEYS = (
@@ -58,6 +65,7 @@ def save_last(path: Path, step: int, models: Models, opt_g, opt_d, engine: Engin
         "rng": rng_state(),
         "sampler": {"samples_per_rank": samples_seen, "world_size": engine.dist.world_size},
         "recipe": {k: jsonable(getattr(args, k)) for k in RECIPE_KEYS},
+        "inputs": run_inputs(args),
     }
     ckpt.atomic_save(state, path)
 
@@ -68,15 +76,14 @@ def load_last(path: Path, models: Models, opt_g, opt_d, engine: Engine, args) ->
     if state.get("format") != "cwd-seg/last/1":
         raise ckpt.CheckpointError(f"{path} is not a training checkpoint of this toolkit (no 'format' tag); "
                                    "released students are loaded with --student-init or evaluate.py --restore-from")
-    saved = state["recipe"]
-    now = {k: jsonable(getattr(args, k)) for k in RECIPE_KEYS}
-    diff = [f"{k}: saved {saved.get(k)!r}, now {now[k]!r}" for k in RECIPE_KEYS if saved.get(k) != now[k]]
+    diff = recipe_differences(state, args)
     if diff:
-        raise SystemExit(f"error: {path} was written by a run with other settings:\n  " + "\n  ".join(diff)
-                         + "\nuse the same flags to resume, or another --save-name for a new run")
+        raise ResumeError(f"{path} was written by a run with other settings ({'; '.join(diff)}); "
+                          "use the same flags to resume, or another --save-name for a new run")
+    check_same_inputs(path, state.get("inputs"), run_inputs(args))
     if state["sampler"]["world_size"] != engine.dist.world_size:
-        raise SystemExit(f"error: {path} was written with {state['sampler']['world_size']} processes, "
-                         f"this run has {engine.dist.world_size}; resume with the same number of processes")
+        raise ResumeError(f"{path} was written with {state['sampler']['world_size']} processes, "
+                          f"this run has {engine.dist.world_size}; resume with the same number of processes")
     models.student_module.load_state_dict(state["student"])
     if models.connector is not None:
         models.connector.load_state_dict(state["connector"])
@@ -96,3 +103,81 @@ def jsonable(value):
     return value
 
 
+
+
+# --------------------------------------------------------------------------------------------------
+# The files a run is built from, and config.json
+# --------------------------------------------------------------------------------------------------
+class ResumeError(ckpt.CheckpointError):
+    """last.pth cannot be continued by this command (other settings, other input files, other world size)."""
+
+
+def recipe_differences(state: dict, args) -> list[str]:
+    """``"key: saved X, now Y"`` for every recipe setting that differs between ``last.pth`` and ``args``."""
+    saved = state.get("recipe", {})
+    now = {k: jsonable(getattr(args, k)) for k in RECIPE_KEYS}
+    return [f"{k}: saved {saved.get(k)!r}, now {now[k]!r}" for k in RECIPE_KEYS if saved.get(k) != now[k]]
+
+
+_DIGESTS: dict[tuple, str] = {}
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, cached per (path, size, mtime) so that each save does not re-read it."""
+    st = os.stat(path)
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        _DIGESTS[key] = digest.hexdigest()
+    return _DIGESTS[key]
+
+
+def run_inputs(args) -> dict[str, dict | None]:
+    """The weight files the run is built from, by content: ``{role: {"path", "sha256"} or None}``
+    (None: not used, or random weights)."""
+    files = {
+        "teacher": args.T_ckpt_path if needs_teacher(args) and args.T_ckpt_path != RANDOM else None,
+        "student_init": args.student_pretrain_model_imgnet
+        if args.is_student_load_imgnet and args.student_pretrain_model_imgnet != RANDOM else None,
+    }
+    return {role: None if p is None else {"path": str(p), "sha256": file_sha256(p)} for role, p in files.items()}
+
+
+def check_same_inputs(path: Path, saved: dict | None, now: dict) -> None:
+    """Refuse to continue ``path`` with other teacher / student-initialisation files (by content, not path).
+    Checkpoints written before inputs were recorded (``saved`` None) are not checked."""
+    if saved is None:
+        return
+    flags = {"teacher": "--teacher-ckpt", "student_init": "--student-init"}
+    diff = []
+    for role, flag in flags.items():
+        a, b = saved.get(role), now.get(role)
+        if (a or {}).get("sha256") == (b or {}).get("sha256"):
+            continue
+        was = f"{a['path']} (sha256 {a['sha256'][:12]})" if a else "random weights"
+        is_ = f"{b['path']} (sha256 {b['sha256'][:12]})" if b else "random weights"
+        diff.append(f"{role.replace('_', ' ')} was {was}, {flag} now gives {is_}")
+    if diff:
+        raise ResumeError(f"{path} was started from other files: {'; '.join(diff)}; resume with the original "
+                          "files, or start a new run with another --save-name")
+
+
+def write_config(run_dir: Path, config: dict, resumed_at: int) -> None:
+    """A fresh run writes ``config.json``; a resumed one keeps it and appends a record to its
+    ``"resumes"`` list (step, time, host, command, and the settings that now differ), so the file
+    never claims what the run did not use."""
+    path = Path(run_dir) / "config.json"
+    if resumed_at == 0 or not path.is_file():
+        config = dict(config, resumes=[])
+    else:
+        old = json.loads(path.read_text())
+        changed = {k: {"was": old.get(k), "now": v} for k, v in config.items() if k in old and old[k] != v}
+        old.setdefault("resumes", []).append({
+            "step": resumed_at, "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "host": socket.gethostname(), "command": shlex.join(["python", *sys.argv]), "changed": changed,
+        })
+        config = old
+    ckpt.atomic_write_text(path, json.dumps(config, indent=2) + "\n")

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import hashlib
+import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -169,8 +170,7 @@ def _predict_split(model: nn.Module, loader: DataLoader, protocol: dict, device:
     num_images = 0
     was_training = model.training
     model.eval()
-    bar = tqdm(total=len(loader.dataset), unit="img", disable=not progress, desc=f"eval {split}",
-               dynamic_ncols=True)
+    bar = _progress(len(loader.dataset), f"eval {split}", progress)
     start = time.perf_counter()
     try:
         for batch in loader:
@@ -200,6 +200,38 @@ def _predict_split(model: nn.Module, loader: DataLoader, protocol: dict, device:
     if num_images == 0:
         raise EvaluationError("the loader yielded no images; the split is empty")
     return conf, label_pngs, num_images, time.perf_counter() - start
+
+
+class _PlainProgress:
+    """Progress as whole lines (about every tenth of the split) for logs, where a bar's carriage
+    returns pile up; the same update/set_postfix/close calls as tqdm."""
+
+    def __init__(self, total: int, desc: str) -> None:
+        self.total, self.desc, self.n, self.postfix, self.next_at = total, desc, 0, "", max(1, total // 10)
+
+    def update(self, n: int) -> None:
+        self.n += n
+        if self.n >= self.next_at and self.n < self.total:
+            self._print()
+            self.next_at = self.n + max(1, self.total // 10)
+
+    def set_postfix(self, **values: str) -> None:
+        self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
+
+    def _print(self) -> None:
+        print(f"{self.desc}: {self.n}/{self.total} images" + (f" ({self.postfix})" if self.postfix else ""),
+              file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.n:
+            self._print()
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    """A tqdm bar on a terminal, plain lines otherwise, nothing when disabled."""
+    if enabled and not sys.stderr.isatty():
+        return _PlainProgress(total, desc)
+    return tqdm(total=total, unit="img", disable=not enabled, desc=desc, dynamic_ncols=True)
 
 
 def _report(conf: ConfusionMatrix, label_pngs: list[Path], num_images: int, seconds: float, protocol: dict,

@@ -1,7 +1,13 @@
-"""Training curves from a run's ``metrics.jsonl`` (one line per logged step), as a PNG."""
+"""Training curves from a run's ``metrics.jsonl`` (one line per logged step), as a PNG.
+
+Loss terms are signed (the WGAN critic's loss is negative), so they are drawn on a symmetric-log
+axis (linear near zero, logarithmic beyond): every term keeps its line and its legend entry. The
+intermediate val mIoU of ``--eval-every`` (``eval_history.jsonl`` beside the metrics) gets its own panel.
+"""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 
@@ -15,8 +21,14 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
+def _linthresh(values: list[float]) -> float:
+    """Where the symlog axis turns logarithmic: below the smallest non-zero magnitude drawn."""
+    small = [abs(v) for v in values if v and math.isfinite(v)]
+    return min(small) if small else 1.0
+
+
 def plot_training_curves(metrics_path: str | Path, out_png: str | Path, title: str = "") -> Path:
-    """Loss terms (log scale), learning rate and throughput against the step."""
+    """Loss terms (symlog), learning rate, throughput and, when present, intermediate val mIoU against the step."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -25,16 +37,23 @@ def plot_training_curves(metrics_path: str | Path, out_png: str | Path, title: s
     records = read_metrics(metrics_path)
     if not records:
         raise ValueError(f"{metrics_path} has no records to plot")
+    history_path = Path(metrics_path).with_name("eval_history.jsonl")
+    history = read_metrics(history_path) if history_path.is_file() else []
     steps = [r["step"] + 1 for r in records]
-    fig, (ax_loss, ax_lr, ax_speed) = plt.subplots(1, 3, figsize=(15, 4))
+    panels = 4 if history else 3
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4))
+    ax_loss, ax_lr, ax_speed = axes[:3]
+    drawn: list[float] = []
     for name in records[-1]["loss"]:
-        values = [r["loss"].get(name) for r in records]
-        points = [(s, v) for s, v in zip(steps, values) if v is not None and v > 0]
+        points = [(s, r["loss"][name]) for s, r in zip(steps, records)
+                  if r["loss"].get(name) is not None and math.isfinite(r["loss"][name])]
         if points:
             ax_loss.plot(*zip(*points), label=name, linewidth=1.2)
-    ax_loss.set_yscale("log")
+            drawn += [v for _, v in points]
+    ax_loss.set_yscale("symlog", linthresh=_linthresh(drawn))
+    ax_loss.axhline(0.0, color="0.6", linewidth=0.6)
     ax_loss.set_xlabel("step")
-    ax_loss.set_title("weighted loss terms")
+    ax_loss.set_title("weighted loss terms (symlog)")
     ax_loss.legend(fontsize=8)
     ax_lr.plot(steps, [r["lr"] for r in records])
     ax_lr.set_xlabel("step")
@@ -42,6 +61,11 @@ def plot_training_curves(metrics_path: str | Path, out_png: str | Path, title: s
     ax_speed.plot(steps, [r["images_per_s"] for r in records])
     ax_speed.set_xlabel("step")
     ax_speed.set_title("images/s")
+    if history:
+        ax_val = axes[3]
+        ax_val.plot([h["step"] + 1 for h in history], [100 * h["miou"] for h in history], marker="o")
+        ax_val.set_xlabel("step")
+        ax_val.set_title("val mIoU (%), intermediate")
     if title:
         fig.suptitle(title)
     fig.tight_layout()
