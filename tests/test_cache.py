@@ -10,6 +10,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from cwdseg.data.cache import ImageCacheError, open_image_cache
 from cwdseg.data.cityscapes import CityscapesDataset, DatasetError, _load_pair
@@ -260,3 +261,20 @@ def test_processes_starting_together_build_once(root, tmp_path):
     assert sorted(built for built, _ in results) == [False, False, True]
     expected = [cv2.imread(s.image).sum() for s in ds.samples]
     assert all(sums == expected for _, sums in results)
+
+
+@pytest.mark.parametrize("name", ["pascal_voc", "ade20k", "camvid"])
+def test_registry_datasets_read_the_same_samples_from_the_disk_cache(tmp_path, name):
+    """The disk cache serves the other layouts too: the same crops (scale, mirror on) as their PNG/JPEG path."""
+    from cwdseg.data.registry import build_dataset
+    from cwdseg.data.synthetic_zoo import generate_dataset
+
+    root = generate_dataset(name, tmp_path / name, 3, 1, 1, seed=0)
+    kwargs = dict(crop_size=(48, 40), random_scale=True, random_mirror=True, verbose=False)
+    plain = build_dataset(name, root, "train", **kwargs)
+    cached = build_dataset(name, root, "train", image_cache=tmp_path / "cache", **kwargs)
+    assert cached._image_cache is not None and len(cached) == len(plain)
+    for index in range(len(plain)):
+        for seed in (0, 7):
+            a, b = plain[(index, seed)], cached[(index, seed)]
+            assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[2] == b[2]

@@ -133,6 +133,7 @@ class SegmentationDataset(Dataset):
         verbose: bool = True,
         normalization: Normalization = CAFFE_BGR,
         eval_short_side: int | None = None,
+        image_cache: str | os.PathLike | None = None,
     ) -> None:
         if crop_size is not None:
             if len(crop_size) != 2 or any(int(c) != c or c < 1 for c in crop_size):
@@ -158,6 +159,15 @@ class SegmentationDataset(Dataset):
         self._mean_lut = normalization.lut()
         self._lut = info.label_lut(ignore_label)
         self._source = source
+        self._image_cache = None  # decoded pairs memory-mapped from disk (cwdseg.data.cache), as for Cityscapes
+        if image_cache is not None:
+            from cwdseg.data.cache import open_image_cache
+
+            self._image_cache = open_image_cache(
+                image_cache, [(s.image, s.label) for s in samples], lambda image, label: load_pair(
+                    Sample(image, label, ""), info, source), log=print if verbose else (lambda _m: None))
+            source += f"; {self._image_cache.nbytes / 2**30:.2f} GiB decoded, memory-mapped from {image_cache}"
+            self._source = source
         if verbose:
             print(f"{info.name} {split}: {len(samples)} images ({source}; labels: {info.label_description})")
 
@@ -168,7 +178,11 @@ class SegmentationDataset(Dataset):
 
     def load_raw(self, index: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         """Decoded image (H, W, 3) BGR uint8, raw label (H, W) uint8 or None, and the LUT to class indices."""
-        image, label = load_pair(self.samples[index], self.info, self._source)
+        sample = self.samples[index]
+        if self._image_cache is not None:
+            image, label = self._image_cache.read(sample.image, sample.label)
+        else:
+            image, label = load_pair(sample, self.info, self._source)
         return image, label, None if label is None else self._lut
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, str]:
