@@ -6,7 +6,10 @@
 #   bash exp_cwd.sh channel kl 3 4 False False False v1      # CWD on the logits (paper recipe)
 #   bash exp_cwd.sh channel kl 3 4 True True False v1        # + pixel KD + holistic GAN
 #
-# Dataset root: $CITYSCAPES (default data/cityscapes). Further arguments go to train.py unchanged.
+# Dataset root: $CITYSCAPES (default data/cityscapes). Further arguments go to train.py unchanged,
+# e.g. another pair of networks (train.py appends them to the run name when not the paper's pair):
+#   bash exp_cwd.sh channel kl 3 4 False False False v1 --teacher-arch deeplabv3_resnet101 \
+#        --teacher-ckpt ckpt/deeplabv3_resnet101_citys_best_model.pth --student-arch deeplabv3_resnet18
 set -euo pipefail
 
 usage() {
@@ -21,6 +24,7 @@ usage: bash exp_cwd.sh NORM DIVERGENCE WEIGHT TEMPERATURE KD ADV FEAT VERSION [t
   FEAT         True | False   CWD on the PSP feature through a connector instead of the logits
   VERSION      any tag; only used in the run name
 run name: ${KD}_${ADV}_${FEAT}_${NORM}_${DIVERGENCE}_${WEIGHT}_${TEMPERATURE}_${VERSION}, written to ckpt/<name>/
+  (+ _T-<teacher>_S-<student> with --teacher-arch/--student-arch other than the paper's PSPNets)
 USAGE
 }
 
@@ -46,4 +50,4 @@ PYTHON=${PYTHON:-python}
 # train.py reads $CITYSCAPES itself (default data/cityscapes), so --demo can pick its synthetic root.
 exec "$PYTHON" "$(dirname "$0")/train.py" --kd "$KD" --adv "$ADV" --cwd True --cwd-feat "$FEAT" \
   --temperature "$TEMPERATURE" --norm-type "$NORM" --divergence "$DIVERGENCE" --lambda-cwd "$WEIGHT" \
-  --save-name "$NAME" "$@"
+  --exp-name "$NAME" "$@"

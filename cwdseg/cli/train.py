@@ -29,13 +29,16 @@ from cwdseg import checkpoint as ckpt
 from cwdseg.data import CityscapesDataset, DatasetError
 from cwdseg.data.cityscapes import build_loader
 from cwdseg.data.sampling import TrainSampleStream
-from cwdseg.engine.build import RANDOM, Engine, Models, build_criteria, build_engine, build_models, build_optimizers
+from cwdseg.data.transforms import NORMALIZATIONS
+from cwdseg.engine.build import RANDOM, Engine, Models, build_criteria, build_engine, build_models, build_optimizers, \
+    default_imagenet_init, model_pair_problems
 from cwdseg.engine.distributed import DeviceError, DistInfo, barrier, cleanup, init_distributed
 from cwdseg.engine.precision import AMP_CHOICES
 from cwdseg.engine.runlog import RunLog, StepWindow, code_version, peak_tflops
 from cwdseg.engine.state import jsonable, load_last, save_last
 from cwdseg.engine.step import poly_lr, set_lr, train_step
 from cwdseg.evaluation.loop import EvaluationError, build_eval_dataset, build_eval_loader, evaluate_model
+from cwdseg.models import ARCH_NAMES, NORMALIZATION, PAPER_PAIR, canonical_arch
 from cwdseg.models.summary import training_step_flops
 
 __all__ = ["get_args_parser", "resolve_args", "main", "cli", "poly_lr"]
@@ -118,15 +121,27 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("models")
     g.add_argument("--T_ckpt_path", "--teacher-ckpt", dest="T_ckpt_path", default="ckpt/teacher_city.pth",
                    help=f"teacher weights; '{RANDOM}' for a random teacher (smoke tests only)")
-    g.add_argument("--teacher-arch", default="resnet101", choices=["resnet101", "resnet18"])
+    g.add_argument("--teacher-arch", default="resnet101", choices=ARCH_NAMES,
+                   help="teacher network (resnet101 = pspnet_resnet101, the paper's)")
+    g.add_argument("--student-arch", default="resnet18", choices=ARCH_NAMES,
+                   help="student network (resnet18 = pspnet_resnet18, the paper's)")
+    g.add_argument("--teacher-normalization", default=None, choices=sorted(NORMALIZATIONS),
+                   help="input normalisation the teacher's weights expect; none: the architecture's")
+    g.add_argument("--student-normalization", default=None, choices=sorted(NORMALIZATIONS),
+                   help="input normalisation of the student (and of the data); none: the architecture's")
+    g.add_argument("--allow-normalization-mismatch", action="store_true",
+                   help="accept a teacher whose normalisation differs from the student's (it sees the student's input)")
     g.add_argument("--is-student-load-imgnet", default=True, **flag, help="initialise the student from ImageNet")
     g.add_argument("--student-pretrain-model-imgnet", "--student-init", dest="student_pretrain_model_imgnet",
-                   default="ckpt/resnet18-imagenet.pth",
-                   help=f"CSAIL deep-stem ResNet-18 ImageNet weights; '{RANDOM}' for random init")
+                   default=None,
+                   help="deep-stem ImageNet weights of the student's backbone; none: ckpt/<backbone>-imagenet.pth "
+                        f"(resnet18, resnet101, mobilenetv2); '{RANDOM}' for random init")
 
     g = p.add_argument_group("outputs and run control")
     g.add_argument("--save-dir", default="ckpt", help="runs are written to SAVE_DIR/SAVE_NAME/")
     g.add_argument("--save-name", default=None, help="run name; none: built like exp_cwd.sh's")
+    g.add_argument("--exp-name", default=None,
+                   help="run name built by exp_cwd.sh; the architectures are appended when they are not the paper's pair")
     g.add_argument("--save-every", "--save-ckpt-every", dest="save_every", type=int, default=0,
                    help="also write city_<step>_G.pth every N steps (0: only at the end, as the original)")
     g.add_argument("--save-last-every", type=int, default=500,
@@ -175,6 +190,25 @@ def default_run_name(args: argparse.Namespace) -> str:
                      format_number(args.lambda_cwd), format_number(args.temperature), version])
 
 
+def arch_tag(args: argparse.Namespace) -> str:
+    """``""`` for the paper's PSPNet-R101 -> PSPNet-R18 (or a PSPNet-R18 baseline), else
+    ``_T-<teacher>_S-<student>`` (``_S-<student>`` without a teacher), for run names."""
+    student = canonical_arch(args.student_arch)
+    if not (args.cwd or args.kd or args.adv):
+        return "" if student == PAPER_PAIR[1] else f"_S-{student}"
+    teacher = canonical_arch(args.teacher_arch)
+    return "" if (teacher, student) == PAPER_PAIR else f"_T-{teacher}_S-{student}"
+
+
+def resolve_models(args: argparse.Namespace) -> list[str]:
+    """Fill the per-architecture defaults (normalisations, ImageNet file); returns the pair's problems."""
+    args.teacher_normalization = args.teacher_normalization or NORMALIZATION[args.teacher_arch]
+    args.student_normalization = args.student_normalization or NORMALIZATION[args.student_arch]
+    if args.student_pretrain_model_imgnet is None:
+        args.student_pretrain_model_imgnet = default_imagenet_init(args.student_arch)
+    return model_pair_problems(args)
+
+
 def resolve_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = get_args_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -184,8 +218,8 @@ def resolve_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.set_defaults(**DEMO_SETTINGS)
         args = parser.parse_args(argv)
     if args.save_name is None:
-        args.save_name = default_run_name(args)
-    errors = []
+        args.save_name = (args.exp_name or default_run_name(args)) + arch_tag(args)
+    errors = resolve_models(args)
     if args.cwd_feat and not args.cwd:
         errors.append("--cwd-feat True needs --cwd True (it selects where CWD is applied)")
     if args.divergence == "mse" and args.temperature != 1.0:
@@ -269,6 +303,7 @@ def build_train_loader(args: argparse.Namespace, info: DistInfo, per_rank: int, 
         args.data_dir, "train", list_path=args.data_list, crop_size=args.input_size,
         random_scale=args.random_scale, random_mirror=args.random_mirror, ignore_label=args.ignore_label,
         cache_images=args.cache_images, verbose=info.is_main,
+        normalization=NORMALIZATIONS[args.student_normalization],
     )
     stream = TrainSampleStream(len(train_set), seed=args.seed, rank=info.rank, world_size=info.world_size,
                                start=start_step * per_rank * args.grad_accum)
@@ -297,7 +332,8 @@ class Validation:
     def run(self, models: Models, engine: Engine, step: int, tag: str) -> dict:
         if self.loader is None:
             val_set = build_eval_dataset(self.args.data_dir, "val", self.args.data_listval,
-                                         ignore_label=self.args.ignore_label)
+                                         ignore_label=self.args.ignore_label,
+                                         normalization=NORMALIZATIONS[self.args.student_normalization])
             self.loader = build_eval_loader(val_set, batch_size=1, num_workers=min(self.args.num_workers, 2))
         metrics = evaluate_model(models.student_module, self.loader, num_classes=self.args.num_classes,
                                  device=engine.device, amp=self.args.amp, progress=sys.stdout.isatty())
@@ -344,6 +380,17 @@ def finish_run(args: argparse.Namespace, info: DistInfo, run_dir: Path, models: 
           f"{', eval.json' if args.eval else ''})")
 
 
+def log_model_pair(args: argparse.Namespace, criteria, log) -> None:
+    """Say once what the pair of architectures implies: the resize of CWD's maps, a knowingly
+    mismatched normalisation."""
+    if criteria.cwd is not None and criteria.cwd.resize:
+        log(f"note: the teacher {canonical_arch(args.teacher_arch)} and the student {canonical_arch(args.student_arch)} "
+            "give maps of different sizes; CWD resizes the student's map to the teacher's (bilinear)")
+    if args.teacher_normalization != args.student_normalization and (args.cwd or args.kd or args.adv):
+        log(f"WARNING: --allow-normalization-mismatch: the teacher (trained on {args.teacher_normalization} input) "
+            f"is fed the student's {args.student_normalization} input")
+
+
 def agree_to_stop(stop: StopFlag, step: int, args: argparse.Namespace, info: DistInfo) -> bool:
     """Whether to stop after this step. Every rank must stop at the same step; agreeing costs a host
     sync, so under torchrun it is done on log steps only (preemption grace is much longer)."""
@@ -379,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     # build -> resume
     models = build_models(args, info, log)
     criteria, weights = build_criteria(args)
+    log_model_pair(args, criteria, log)
     opt_g, opt_d = build_optimizers(args, models)
     start_step = resume_step(args, run_dir, models, opt_g, opt_d, engine, log)
     if info.is_main:
@@ -386,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     loader = build_train_loader(args, info, per_rank, start_step)
     stop = StopFlag()
     signal.signal(signal.SIGTERM, stop)
-    flops = training_step_flops("resnet18", args.teacher_arch if models.teacher is not None else None,
+    flops = training_step_flops(args.student_arch, args.teacher_arch if models.teacher is not None else None,
                                 args.input_size, args.batch_size)
     validation = Validation(args, run_dir)
     last_path = run_dir / "last.pth"
