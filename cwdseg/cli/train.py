@@ -31,14 +31,14 @@ from cwdseg.data.cityscapes import build_loader
 from cwdseg.data.sampling import TrainSampleStream
 from cwdseg.data.transforms import NORMALIZATIONS
 from cwdseg.engine.build import RANDOM, Engine, Models, build_criteria, build_engine, build_models, build_optimizers, \
-    default_imagenet_init, model_pair_problems
+    resolve_model_args
 from cwdseg.engine.distributed import DeviceError, DistInfo, barrier, cleanup, init_distributed
 from cwdseg.engine.precision import AMP_CHOICES
 from cwdseg.engine.runlog import RunLog, StepWindow, code_version, peak_tflops
 from cwdseg.engine.state import jsonable, load_last, save_last
 from cwdseg.engine.step import poly_lr, set_lr, train_step
 from cwdseg.evaluation.loop import EvaluationError, build_eval_dataset, build_eval_loader, evaluate_model
-from cwdseg.models import ARCH_NAMES, NORMALIZATION, PAPER_PAIR, canonical_arch
+from cwdseg.models import ARCH_NAMES, PAPER_PAIR, canonical_arch
 from cwdseg.models.summary import training_step_flops
 
 __all__ = ["get_args_parser", "resolve_args", "main", "cli", "poly_lr"]
@@ -104,7 +104,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("distillation")
     g.add_argument("--cwd", default=False, **flag, help="channel-wise distillation")
     g.add_argument("--cwd-feat", default=False, **flag,
-                   help="CWD on the PSP feature through a 1x1 connector instead of on the logits")
+                   help="CWD on the head feature (PSP / DeepLabV3 head) through a 1x1 connector instead of on the logits")
     g.add_argument("--norm-type", default="channel", choices=["channel", "spatial", "channel_mean", "none"])
     g.add_argument("--divergence", default="kl", choices=["kl", "mse"])
     g.add_argument("--temperature", type=float, default=4.0, help="CWD temperature (forced to 1 with mse)")
@@ -200,15 +200,6 @@ def arch_tag(args: argparse.Namespace) -> str:
     return "" if (teacher, student) == PAPER_PAIR else f"_T-{teacher}_S-{student}"
 
 
-def resolve_models(args: argparse.Namespace) -> list[str]:
-    """Fill the per-architecture defaults (normalisations, ImageNet file); returns the pair's problems."""
-    args.teacher_normalization = args.teacher_normalization or NORMALIZATION[args.teacher_arch]
-    args.student_normalization = args.student_normalization or NORMALIZATION[args.student_arch]
-    if args.student_pretrain_model_imgnet is None:
-        args.student_pretrain_model_imgnet = default_imagenet_init(args.student_arch)
-    return model_pair_problems(args)
-
-
 def resolve_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = get_args_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -219,7 +210,7 @@ def resolve_args(argv: list[str] | None = None) -> argparse.Namespace:
         args = parser.parse_args(argv)
     if args.save_name is None:
         args.save_name = (args.exp_name or default_run_name(args)) + arch_tag(args)
-    errors = resolve_models(args)
+    errors = resolve_model_args(args)
     if args.cwd_feat and not args.cwd:
         errors.append("--cwd-feat True needs --cwd True (it selects where CWD is applied)")
     if args.divergence == "mse" and args.temperature != 1.0:

@@ -13,7 +13,7 @@ from cwdseg import checkpoint as ckpt
 from cwdseg.distill import CriterionCWD, CriterionDSN, CriterionKD
 from cwdseg.engine.distributed import DistInfo
 from cwdseg.engine.precision import AMP_DTYPES, autocast_context, resolve_amp
-from cwdseg.models import FEATURE_CHANNELS, build_model, canonical_arch, output_size
+from cwdseg.models import FEATURE_CHANNELS, NORMALIZATION, build_model, canonical_arch, output_size
 from cwdseg.models.abn import convert_sync_abn
 from cwdseg.models.connector import FeatureConnector
 from cwdseg.models.discriminator import Discriminator
@@ -153,6 +153,16 @@ def default_imagenet_init(arch: str) -> str:
 def maps_differ(teacher_arch: str, student_arch: str, input_size: tuple[int, int]) -> bool:
     """Whether the two networks' output maps differ in size for crops of ``input_size``."""
     return output_size(teacher_arch, input_size) != output_size(student_arch, input_size)
+
+
+def resolve_model_args(args: argparse.Namespace) -> list[str]:
+    """Fill the per-architecture defaults of ``args`` (the two normalisations, the ImageNet file of
+    the student's backbone); returns :func:`model_pair_problems`."""
+    args.teacher_normalization = args.teacher_normalization or NORMALIZATION[args.teacher_arch]
+    args.student_normalization = args.student_normalization or NORMALIZATION[args.student_arch]
+    if args.student_pretrain_model_imgnet is None:
+        args.student_pretrain_model_imgnet = default_imagenet_init(args.student_arch)
+    return model_pair_problems(args)
 
 
 def model_pair_problems(args: argparse.Namespace) -> list[str]:
