@@ -12,7 +12,7 @@ Files handled:
 * **CIRKD family** (``winycg/CIRKD``): the DeepLabV3-ResNet101 Cityscapes teacher
   (``deeplabv3_resnet101_citys_best_model.pth``: ``pretrained.*`` ResNetV1s backbone, ``head.aspp.*``
   / ``head.block.*``, ``auxlayer.*``, BN ``num_batches_tracked``), its DeepLabV3-R18 / -MobileNetV2
-  students, and the ImageNet initialisations ``resnet18-imagenet.pth`` / ``resnet101-imagenet.pth``
+  and PSPNet-MobileNetV2 (``head.psp.*``) students, and the ImageNet initialisations ``resnet18-imagenet.pth`` / ``resnet101-imagenet.pth``
   (the same deep-stem layout as CSAIL's: top-level ``conv1..3``, ``layer1..4``, ``fc.*``; loaded
   under ``pretrained.``) and ``mobilenetv2-imagenet.pth`` (``features.0..18``, ``classifier.*``;
   ``features.0..17`` are loaded under ``pretrained.net.``, the 1x1 conv ``features.18`` and the
@@ -43,8 +43,9 @@ import torch
 from torch import nn
 
 from cwdseg.models import arch_spec
-from cwdseg.models.deeplabv3 import DeepLabV3
 from cwdseg.models.mobilenetv2 import MobileNetV2Dilated
+from cwdseg.models.pspnet import PSPNet
+from cwdseg.models.resnet import ResNetV1s
 from cwdseg.models.summary import unwrap_model  # noqa: F401  (re-exported: older imports)
 
 # Where to get the deep-stem ImageNet ResNet-18 that the original student starts from.
@@ -170,11 +171,15 @@ def infer_arch(state_dict: dict) -> str:
     layout, or a CSAIL ImageNet ResNet) -> ``pspnet_resnet18`` / ``pspnet_resnet101``; CIRKD's
     (``pretrained.*`` + ``head.aspp.*``) -> ``deeplabv3_resnet18`` / ``_resnet101`` / ``_mobilenetv2``."""
     if any(k.startswith("pretrained.") for k in state_dict):
+        if any(k.startswith("head.psp.") for k in state_dict):
+            if _is_mobilenetv2(state_dict, "pretrained.net."):
+                return "pspnet_mobilenetv2"
+            raise CheckpointError("cannot tell the architecture of this state_dict: a CIRKD PSPNet (head.psp.*) on a "
+                                  "ResNet, which this toolkit does not build (its pspnet_resnet18 is the CWD paper's); "
+                                  "supported CIRKD files: DeepLabV3-R18/R101/MobileNetV2, PSPNet-MobileNetV2")
         if not any(k.startswith("head.aspp.") for k in state_dict):
-            what = ("a CIRKD PSPNet (head.psp.*), which this toolkit does not build"
-                    if any(k.startswith("head.psp.") for k in state_dict) else "no DeepLabV3 head (head.aspp.*)")
-            raise CheckpointError(f"cannot tell the architecture of this state_dict: a CIRKD-layout backbone "
-                                  f"(pretrained.*) with {what}; supported: the DeepLabV3 files of CIRKD")
+            raise CheckpointError("cannot tell the architecture of this state_dict: a CIRKD-layout backbone "
+                                  "(pretrained.*) without a DeepLabV3 (head.aspp.*) or PSPNet (head.psp.*) head")
         if _is_mobilenetv2(state_dict, "pretrained.net."):
             return "deeplabv3_mobilenetv2"
         depth = _resnet_depth(state_dict, "pretrained.")
@@ -301,10 +306,10 @@ def load_teacher(model: nn.Module, path: str | os.PathLike) -> None:
 
     PSPNet: the original layout (``pspmodule.*``/``head.*``) and the toolbox layout
     (``head.0.*``/``head.1.*`` + ``fc.*``, the ImageNet classifier, which is dropped).
-    DeepLabV3: CIRKD's layout as it is (``num_batches_tracked`` entries are not compared).
+    CIRKD's networks: their layout as it is (``num_batches_tracked`` entries are not compared).
     """
     sd = load_state_dict_file(path)
-    if any(k.startswith("head.0.") for k in sd) and not isinstance(unwrap_model(model), DeepLabV3):
+    if any(k.startswith("head.0.") for k in sd) and isinstance(unwrap_model(model), PSPNet):
         sd, _ = toolbox_to_original(sd)
     _load_strict(model, sd, path, f"teacher ({_arch_of(unwrap_model(model)) or 'network'})")
 
@@ -317,12 +322,14 @@ def load_student(model: nn.Module, path: str | os.PathLike) -> None:
 
 
 def imagenet_prefix(model: nn.Module) -> str:
-    """Where the keys of an ImageNet initialisation file go in ``model``: ``""`` for the PSPNets
-    (top-level backbone), ``"pretrained."`` for CIRKD's DeepLabV3-ResNets and ``"pretrained.net."``
+    """Where the keys of an ImageNet initialisation file go in ``model``: ``""`` for the original's
+    PSPNets (top-level backbone), ``"pretrained."`` for CIRKD's ResNet backbones and ``"pretrained.net."``
     for its MobileNetV2 (file ``features.*`` -> model ``pretrained.net.features.*``)."""
-    net = unwrap_model(model)
-    if isinstance(net, DeepLabV3):
-        return "pretrained.net." if isinstance(net.pretrained, MobileNetV2Dilated) else "pretrained."
+    backbone = getattr(unwrap_model(model), "pretrained", None)
+    if isinstance(backbone, MobileNetV2Dilated):
+        return "pretrained.net."
+    if isinstance(backbone, ResNetV1s):
+        return "pretrained."
     return ""
 
 

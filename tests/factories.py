@@ -252,6 +252,17 @@ def deeplabv3_key_shapes(backbone: str, num_classes: int = 19) -> list[tuple[str
     return _with_counters(spec)
 
 
+def pspnet_mobile_key_shapes(num_classes: int = 19) -> list[tuple[str, Shape]]:
+    """CIRKD's PSPNet-MobileNetV2 (``psp_mobile``): ``pretrained.net.features.*``, ``head.psp.conv{1..4}``
+    (1x1 320 -> 80 + BN), ``head.block`` (3x3 640 -> 128 + BN), ``head.classifier``; no aux head."""
+    spec = [("pretrained.net." + k, s) for k, s in mobilenetv2_key_shapes()]
+    for i in range(1, 5):
+        spec += [(f"head.psp.conv{i}.0.weight", (80, 320, 1, 1))] + _bn(f"head.psp.conv{i}.1", 80)
+    spec += [("head.block.0.weight", (128, 640, 3, 3))] + _bn("head.block.1", 128)
+    spec += [("head.classifier.weight", (num_classes, 128, 1, 1)), ("head.classifier.bias", (num_classes,))]
+    return _with_counters(spec)
+
+
 def cirkd_state_dict(backbone: str, seed: int = 0, num_classes: int = 19) -> "OrderedDict[str, torch.Tensor]":
     """A CIRKD DeepLabV3 state_dict for ``backbone`` ("resnet18", "resnet101", "mobilenetv2")."""
     return fill_state_dict(deeplabv3_key_shapes(backbone, num_classes), seed, negative_bn=False)

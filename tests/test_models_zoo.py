@@ -10,8 +10,8 @@ from cwdseg import checkpoint as ckpt
 from cwdseg.models import ARCHS, FEATURE_CHANNELS, NORMALIZATION, arch_spec, build_model, canonical_arch, output_size
 from cwdseg.models.deeplabv3 import DeepLabHead
 from cwdseg.models.summary import conv_macs_by_module, count_parameters
-from tests.factories import (cirkd_imagenet_state_dict, cirkd_state_dict, deeplabv3_key_shapes, write_cirkd_deeplabv3,
-                             write_cirkd_imagenet)
+from tests.factories import (cirkd_imagenet_state_dict, cirkd_state_dict, deeplabv3_key_shapes, fill_state_dict,
+                             pspnet_mobile_key_shapes, write_cirkd_deeplabv3, write_cirkd_imagenet)
 
 NEW = {"deeplabv3_resnet18": "resnet18", "deeplabv3_resnet101": "resnet101", "deeplabv3_mobilenetv2": "mobilenetv2"}
 
@@ -36,7 +36,8 @@ def test_registry_names_aliases_channels_and_normalisation():
     # head feature = the map before the classifier: its channels are the classifier's input width
     for arch in ARCHS:
         model = meta_model(arch)
-        classifier = model.head.block[4] if arch.startswith("deeplabv3") else model.head
+        classifier = model.head.block[4] if arch.startswith("deeplabv3") else \
+            model.head.classifier if arch == "pspnet_mobilenetv2" else model.head
         assert classifier.in_channels == FEATURE_CHANNELS[arch] == arch_spec(arch).feature_channels, arch
         # both families were trained on BGR minus the Caffe mean (CIRKD dataset/cityscapes.py too)
         assert NORMALIZATION[arch] == "caffe_bgr"
@@ -367,3 +368,53 @@ def test_deeplabv3_outputs_are_head_of_backbone():
         assert torch.allclose(logits, model.head.block[4](feat), atol=1e-5)
         assert torch.allclose(aux, model.auxlayer(c3), atol=1e-5)
         assert c4.shape[1] == 512 and c3.shape[1] == 256
+
+
+# ----------------------------------------------------------------------------------------------
+# PSPNet-MobileNetV2 (CIRKD's psp_mobile)
+
+
+def test_pspnet_mobilenetv2_layout_shapes_and_strict_load(tmp_path):
+    spec = dict(pspnet_mobile_key_shapes())
+    model = build_model("pspnet_mobilenetv2")
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == spec
+    assert count_parameters(model) == sum(torch.Size(s).numel() for k, s in spec.items()
+                                          if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
+    with torch.device("meta"):
+        logits, aux, feat = build_model("pspnet_mobilenetv2").eval()(torch.empty(1, 3, 1024, 2048))
+    assert logits.shape == (1, 19, 128, 256) and aux is None and feat.shape == (1, 128, 128, 256)
+    sd = fill_state_dict(list(spec.items()), seed=9, negative_bn=False)
+    torch.save(sd, tmp_path / "psp_mobile.pth")
+    assert ckpt.infer_arch(sd) == "pspnet_mobilenetv2"
+    ckpt.load_student(model, tmp_path / "psp_mobile.pth")
+    assert torch.equal(model.head.classifier.weight, sd["head.classifier.weight"])
+    write_cirkd_imagenet(tmp_path / "mobilenetv2-imagenet.pth", "mobilenetv2", seed=2)
+    report = ckpt.load_imagenet_backbone(model, tmp_path / "mobilenetv2-imagenet.pth", verbose=False)
+    assert all(k.startswith("pretrained.net.features.") for k in report["loaded"])
+
+
+def test_cirkd_psp_head_matches_an_independent_computation():
+    from cwdseg.models.pspnet_mobile import PSPHead
+
+    head = PSPHead(8, 3, 4).eval()
+    sd = fill_random(head, seed=11)
+    x = torch.randn(2, 8, 12, 12)  # divisible by 1, 2, 3, 6: adaptive pooling = plain block means
+    with torch.no_grad():
+        logits, feature = head(x)
+    xd = x.double()
+    parts = [xd]
+    for i, b in enumerate((1, 2, 3, 6), start=1):
+        k = 12 // b
+        pooled = xd.reshape(2, 8, b, k, b, k).mean(dim=(3, 5))
+        y = relu(ref_bn(ref_conv(pooled, sd[f"psp.conv{i}.0.weight"]), sd, f"psp.conv{i}.1"))
+        # bilinear, align_corners=True, from b x b to 12 x 12: source coordinate i * (b - 1) / 11
+        coords = torch.arange(12, dtype=torch.float64) * (b - 1) / 11
+        lo = coords.floor().long().clamp(max=b - 1)
+        hi = (lo + 1).clamp(max=b - 1)
+        t = coords - lo
+        rows = y[:, :, lo] * (1 - t)[None, None, :, None] + y[:, :, hi] * t[None, None, :, None]
+        parts.append(rows[:, :, :, lo] * (1 - t) + rows[:, :, :, hi] * t)
+    feat_ref = relu(ref_bn(ref_conv(torch.cat(parts, 1), sd["block.0.weight"]), sd, "block.1"))
+    logits_ref = ref_conv(feat_ref, sd["classifier.weight"], sd["classifier.bias"])
+    assert torch.allclose(feature.double(), feat_ref, atol=1e-4)
+    assert torch.allclose(logits.double(), logits_ref, atol=1e-4)

@@ -11,6 +11,7 @@ arch                        what                                             fam
 ``deeplabv3_resnet18``      CIRKD-protocol student                           cirkd   128
 ``deeplabv3_resnet101``     CIRKD-protocol teacher (78.07 val released)      cirkd   256
 ``deeplabv3_mobilenetv2``   CIRKD-protocol student                           cirkd   128
+``pspnet_mobilenetv2``      CIRKD's PSPNet-MobileNetV2 (``psp_mobile``)      cirkd   128
 ==========================  ===============================================  ======  =========
 
 ``resnet18`` / ``resnet101`` stay as aliases of the two PSPNets (the names the command lines and
@@ -32,6 +33,7 @@ from torch import nn
 
 from cwdseg.models.deeplabv3 import DeepLabV3, deeplabv3_mobilenetv2, deeplabv3_resnet18, deeplabv3_resnet101
 from cwdseg.models.pspnet import PSPNet, pspnet_resnet18, pspnet_resnet101
+from cwdseg.models.pspnet_mobile import PSPNetMobile, pspnet_mobilenetv2
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,7 @@ ARCHS: dict[str, ArchSpec] = {
     "deeplabv3_resnet18": ArchSpec(deeplabv3_resnet18, 128, "caffe_bgr", "cirkd", True, "DeepLabV3-R18"),
     "deeplabv3_resnet101": ArchSpec(deeplabv3_resnet101, 256, "caffe_bgr", "cirkd", True, "DeepLabV3-R101"),
     "deeplabv3_mobilenetv2": ArchSpec(deeplabv3_mobilenetv2, 128, "caffe_bgr", "cirkd", False, "DeepLabV3-MBv2"),
+    "pspnet_mobilenetv2": ArchSpec(pspnet_mobilenetv2, 128, "caffe_bgr", "cirkd", False, "PSPNet-MBv2"),
 }
 ARCH_ALIASES: dict[str, str] = {"resnet18": "pspnet_resnet18", "resnet101": "pspnet_resnet101"}
 ARCH_NAMES: tuple[str, ...] = tuple(ARCHS) + tuple(ARCH_ALIASES)  # every name the command lines accept
@@ -133,7 +136,8 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "ARCHS", "ARCH_ALIASES", "ARCH_NAMES", "ArchSpec", "DeepLabV3", "FEATURE_CHANNELS", "MODEL_BUILDERS",
-    "NORMALIZATION", "PAPER_PAIR", "PSP_FEATURE_CHANNELS", "PSPNet", "arch_spec", "build_model", "canonical_arch",
-    "deeplabv3_mobilenetv2", "deeplabv3_resnet18", "deeplabv3_resnet101", "output_size", "pspnet_resnet18",
+    "NORMALIZATION", "PAPER_PAIR", "PSP_FEATURE_CHANNELS", "PSPNet", "PSPNetMobile", "arch_spec", "build_model", "canonical_arch",
+    "deeplabv3_mobilenetv2", "deeplabv3_resnet18", "deeplabv3_resnet101", "output_size", "pspnet_mobilenetv2",
+    "pspnet_resnet18",
     "pspnet_resnet101", "Discriminator", "FeatureConnector",
 ]

@@ -13,7 +13,7 @@ from cwdseg.models.summary import conv_macs_by_module, count_parameters
 # (part, top-level module names) per family; a module belongs to the first part whose prefix matches.
 PARTS = {
     "cwd": (("backbone", ("conv", "bn", "layer")), ("psp head", ("pspmodule", "head")), ("dsn (aux)", ("dsn",))),
-    "cirkd": (("backbone", ("pretrained",)), ("aspp head", ("head",)), ("aux head", ("auxlayer",))),
+    "cirkd": (("backbone", ("pretrained",)), ("head", ("head",)), ("aux head", ("auxlayer",))),
 }
 
 
