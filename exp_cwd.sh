@@ -9,7 +9,10 @@
 # Dataset: $DATASET (cityscapes, pascal_voc, ade20k, camvid or folder; default cityscapes) with its root in
 # $DATA_DIR; for cityscapes the root may also come from $CITYSCAPES (default data/cityscapes).
 #   DATASET=ade20k DATA_DIR=/data/ADEChallengeData2016 bash exp_cwd.sh channel kl 3 4 False False False v1 --recipe ade20k
-# Further arguments go to train.py unchanged.
+# Further arguments go to train.py unchanged,
+# e.g. another pair of networks (train.py appends them to the run name when not the paper's pair):
+#   bash exp_cwd.sh channel kl 3 4 False False False v1 --teacher-arch deeplabv3_resnet101 \
+#        --teacher-ckpt ckpt/deeplabv3_resnet101_citys_best_model.pth --student-arch deeplabv3_resnet18
 set -euo pipefail
 
 usage() {
@@ -24,6 +27,7 @@ usage: bash exp_cwd.sh NORM DIVERGENCE WEIGHT TEMPERATURE KD ADV FEAT VERSION [t
   FEAT         True | False   CWD on the PSP feature through a connector instead of the logits
   VERSION      any tag not starting with '-'; only used in the run name
 run name: ${KD}_${ADV}_${FEAT}_${NORM}_${DIVERGENCE}_${WEIGHT}_${TEMPERATURE}_${VERSION}, written to ckpt/<name>/
+  (+ _T-<teacher>_S-<student> with --teacher-arch/--student-arch other than the paper's PSPNets)
 USAGE
 }
 
@@ -52,4 +56,4 @@ PYTHON=${PYTHON:-python}
 # train.py reads $DATASET, $DATA_DIR and $CITYSCAPES itself, so --demo can pick its synthetic root.
 exec "$PYTHON" "$(dirname "$0")/train.py" --kd "$KD" --adv "$ADV" --cwd True --cwd-feat "$FEAT" \
   --temperature "$TEMPERATURE" --norm-type "$NORM" --divergence "$DIVERGENCE" --lambda-cwd "$WEIGHT" \
-  --save-name "$NAME" "$@"
+  --exp-name "$NAME" "$@"

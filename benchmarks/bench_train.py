@@ -13,6 +13,8 @@ PNGs, or from the memory-mapped image cache) and reports the time each step wait
 
     python benchmarks/bench_train.py                       # CPU: 128x128 crops, batch 2
     python benchmarks/bench_train.py --crop 512 512 --batch 8 --device cuda --loader cache   # the paper recipe on a GPU
+    python benchmarks/bench_train.py --student-arch resnet18 deeplabv3_resnet18 deeplabv3_mobilenetv2 \
+        --teacher-arch deeplabv3_resnet101                # each student of the CIRKD protocol, one table each
 """
 from __future__ import annotations
 
@@ -65,7 +67,8 @@ def _loader_batches(kind: str, crop: tuple[int, int], batch: int, tmp: str, devi
 
 
 def measure_one(setting: str, crop: tuple[int, int], batch: int, steps: int, warmup: int, device: str,
-                recipe: str, loader: str = "none") -> dict:
+                recipe: str, loader: str = "none", student_arch: str = "resnet18",
+                teacher_arch: str = "resnet101") -> dict:
     """Time each of ``steps`` calls of train_step after ``warmup`` calls; runs in the current process."""
     import torch
 
@@ -83,7 +86,7 @@ def measure_one(setting: str, crop: tuple[int, int], batch: int, steps: int, war
     args = resolve_args([
         "--amp", amp, "--channels-last", str(channels_last), "--compile", str(compile_), "--device", device,
         "--input-size", f"{crop[0]},{crop[1]}", "--batch-size", str(batch), "--teacher-ckpt", "random",
-        "--student-init", "random", *recipe_flags,
+        "--student-init", "random", "--student-arch", student_arch, "--teacher-arch", teacher_arch, *recipe_flags,
     ])
     torch.manual_seed(0)
     info = DistInfo(device=resolve_device(device))
@@ -128,13 +131,14 @@ def measure_one(setting: str, crop: tuple[int, int], batch: int, steps: int, war
     from cwdseg.engine.runlog import peak_tflops
     from cwdseg.models.summary import training_step_flops
 
-    flops = training_step_flops("resnet18", args.teacher_arch if models.teacher is not None else None, crop, batch)
+    flops = training_step_flops(args.student_arch, args.teacher_arch if models.teacher is not None else None, crop, batch)
     per_step = stats.summarize(times)
     seconds = per_step.median
     peak = peak_tflops(info.device)
     tflops = flops / seconds / 1e12
     return {
-        "setting": setting, "ms_per_step": 1000 * seconds, "ms_per_step_spread": per_step.scaled(1e3).as_dict(),
+        "setting": setting, "student_arch": student_arch,
+        "teacher_arch": teacher_arch if models.teacher is not None else None, "ms_per_step": 1000 * seconds, "ms_per_step_spread": per_step.scaled(1e3).as_dict(),
         "images_per_s": batch / seconds, "tflops": tflops, "mfu": tflops / peak if peak else None,
         "peak_mem_mb": peak_mb, "data_ms": data_ms, "loader": loader, "loss": float(out["terms"]["total"]),
         "device_name": torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else "cpu",
@@ -143,7 +147,7 @@ def measure_one(setting: str, crop: tuple[int, int], batch: int, steps: int, war
 
 def run(crop: tuple[int, int] = (128, 128), batch: int = 2, steps: int = 4, warmup: int = 2, device: str = "cpu",
         recipe: str = "cwd-logits", settings: list[str] | None = None, with_compile: bool = False,
-        loader: str = "none") -> list[dict]:
+        loader: str = "none", student_arch: str = "resnet18", teacher_arch: str = "resnet101") -> list[dict]:
     """Measure every setting in its own subprocess; returns rows with ``ratio`` to the fp32 NCHW eager row
     (ratio of median throughputs) and a ``warning`` where that ratio is within the spread."""
     names = settings or [s for s in SETTINGS if with_compile or "compile" not in s]
@@ -151,7 +155,7 @@ def run(crop: tuple[int, int] = (128, 128), batch: int = 2, steps: int = 4, warm
     for name in names:
         cmd = [sys.executable, __file__, "--one", name, "--crop", str(crop[0]), str(crop[1]), "--batch", str(batch),
                "--steps", str(steps), "--warmup", str(warmup), "--device", device, "--recipe", recipe,
-               "--loader", loader]
+               "--loader", loader, "--student-arch", student_arch, "--teacher-arch", teacher_arch]
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ))
         if out.returncode != 0:
             raise RuntimeError(f"benchmark setting {name!r} failed:\n{out.stderr[-3000:]}")
@@ -195,17 +199,27 @@ def main(argv: list[str] | None = None) -> None:
                    help="feed steps from the real loader (PNG or image cache) and report its wait time")
     p.add_argument("--quick", action="store_true", help="smoke test: 2 steps after 1 warm-up step")
     p.add_argument("--compile", action="store_true", help="add the torch.compile row (10-20 s cold start on CPU)")
+    p.add_argument("--student-arch", nargs="+", default=["resnet18"],
+                   help="student network(s) (cwdseg.models.ARCH_NAMES); one table per student")
+    p.add_argument("--teacher-arch", default="resnet101", help="teacher network of the distillation recipes")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: measure one setting, print JSON
     a = p.parse_args(argv)
     if a.one:
-        print(json.dumps(measure_one(a.one, tuple(a.crop), a.batch, a.steps, a.warmup, a.device, a.recipe, a.loader)))
+        print(json.dumps(measure_one(a.one, tuple(a.crop), a.batch, a.steps, a.warmup, a.device, a.recipe, a.loader,
+                                     a.student_arch[0], a.teacher_arch)))
         return
     if a.quick:
         print(stats.QUICK_BANNER)
         a.steps, a.warmup = 2, 1
-    rows = run(tuple(a.crop), a.batch, a.steps, a.warmup, a.device, a.recipe, with_compile=a.compile, loader=a.loader)
-    print(format_table(rows, f"training step, {a.recipe}, batch {a.batch}, crop {a.crop[0]}x{a.crop[1]}, {a.device}"))
+    rows = []
+    for student in a.student_arch:
+        student_rows = run(tuple(a.crop), a.batch, a.steps, a.warmup, a.device, a.recipe, with_compile=a.compile,
+                           loader=a.loader, student_arch=student, teacher_arch=a.teacher_arch)
+        teacher = f", teacher {a.teacher_arch}" if a.recipe != "baseline" else ""
+        print(format_table(student_rows, f"training step, student {student}{teacher}, {a.recipe}, batch {a.batch}, "
+                                         f"crop {a.crop[0]}x{a.crop[1]}, {a.device}"))
+        rows += student_rows
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=2))
 

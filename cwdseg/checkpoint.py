@@ -9,6 +9,14 @@ Files handled:
   training checkpoint ``last.pth``.
 * **ImageNet init**: the CSAIL (MIT sceneparsing) deep-stem ResNet-18 ``resnet18-imagenet.pth``;
   every backbone key must be present with its shape, the rest (``fc.*``) is skipped and reported.
+* **CIRKD family** (``winycg/CIRKD``): the DeepLabV3-ResNet101 Cityscapes teacher
+  (``deeplabv3_resnet101_citys_best_model.pth``: ``pretrained.*`` ResNetV1s backbone, ``head.aspp.*``
+  / ``head.block.*``, ``auxlayer.*``, BN ``num_batches_tracked``), its DeepLabV3-R18 / -MobileNetV2
+  and PSPNet-MobileNetV2 (``head.psp.*``) students, and the ImageNet initialisations ``resnet18-imagenet.pth`` / ``resnet101-imagenet.pth``
+  (the same deep-stem layout as CSAIL's: top-level ``conv1..3``, ``layer1..4``, ``fc.*``; loaded
+  under ``pretrained.``) and ``mobilenetv2-imagenet.pth`` (``features.0..18``, ``classifier.*``;
+  ``features.0..17`` are loaded under ``pretrained.net.``, the 1x1 conv ``features.18`` and the
+  classifier are skipped, as CIRKD does).
 
 All reads use ``torch.load(..., weights_only=True)``: plain tensor dicts in the pre-1.0 (legacy)
 and the zip serialization load; a pickle that carries code or custom objects is refused.
@@ -37,11 +45,15 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from cwdseg.models import arch_spec
+from cwdseg.models.mobilenetv2 import MobileNetV2Dilated
+from cwdseg.models.pspnet import PSPNet
+from cwdseg.models.resnet import ResNetV1s
 from cwdseg.models.summary import unwrap_model  # noqa: F401  (re-exported: older imports)
 
 # Where to get the deep-stem ImageNet ResNet-18 that the original student starts from.
 CSAIL_RESNET18_URL = "http://sceneparsing.csail.mit.edu/model/pretrained_resnet/resnet18-imagenet.pth"
-HEAD_PREFIXES = ("pspmodule.", "head.", "dsn.")
+HEAD_PREFIXES = ("pspmodule.", "head.", "dsn.", "auxlayer.")
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 MAX_LISTED = 10
 
@@ -128,21 +140,66 @@ def _drop_counters(sd: dict) -> "OrderedDict[str, torch.Tensor]":
     return OrderedDict((k, v) for k, v in sd.items() if not k.endswith("num_batches_tracked"))
 
 
+def _resnet_depth(sd: dict, prefix: str) -> str | None:
+    """``"resnet18"`` / ``"resnet101"`` from the deep-stem backbone keys under ``prefix``, or None."""
+    stem = sd.get(prefix + "conv1.weight")
+    if stem is None or tuple(stem.shape) != (64, 3, 3, 3) or prefix + "conv3.weight" not in sd:
+        return None
+    conv1 = sd.get(prefix + "layer1.0.conv1.weight")
+    blocks3 = {k[len(prefix):].split(".")[1] for k in sd if k.startswith(prefix + "layer3.")}
+    bottleneck = prefix + "layer1.0.conv3.weight" in sd
+    if conv1 is not None and bottleneck and tuple(conv1.shape[2:]) == (1, 1) and len(blocks3) == 23:
+        return "resnet101"
+    if conv1 is not None and not bottleneck and tuple(conv1.shape[2:]) == (3, 3) and len(blocks3) == 2:
+        return "resnet18"
+    return None
+
+
+def _is_mobilenetv2(sd: dict, prefix: str) -> bool:
+    stem = sd.get(prefix + "features.0.0.weight")
+    return stem is not None and tuple(stem.shape) == (32, 3, 3, 3)
+
+
+def infer_backbone(state_dict: dict) -> str | None:
+    """The backbone of an ImageNet initialisation file (top-level keys): ``"resnet18"``,
+    ``"resnet101"`` (deep stem) or ``"mobilenetv2"``; None when it is none of these."""
+    if _is_mobilenetv2(state_dict, ""):
+        return "mobilenetv2"
+    return _resnet_depth(state_dict, "")
+
+
 def infer_arch(state_dict: dict) -> str:
-    """``"resnet18"`` or ``"resnet101"``, read from the backbone's key shapes (either teacher layout)."""
+    """The registry name (``cwdseg.models.ARCHS``) of the network a state_dict holds, read from
+    its key names and shapes: the original layout (top-level ``conv1``.., either PSPNet teacher
+    layout, or a CSAIL ImageNet ResNet) -> ``pspnet_resnet18`` / ``pspnet_resnet101``; CIRKD's
+    (``pretrained.*`` + ``head.aspp.*``) -> ``deeplabv3_resnet18`` / ``_resnet101`` / ``_mobilenetv2``."""
+    if any(k.startswith("pretrained.") for k in state_dict):
+        if any(k.startswith("head.psp.") for k in state_dict):
+            if _is_mobilenetv2(state_dict, "pretrained.net."):
+                return "pspnet_mobilenetv2"
+            raise CheckpointError("cannot tell the architecture of this state_dict: a CIRKD PSPNet (head.psp.*) on a "
+                                  "ResNet, which this toolkit does not build (its pspnet_resnet18 is the CWD paper's); "
+                                  "supported CIRKD files: DeepLabV3-R18/R101/MobileNetV2, PSPNet-MobileNetV2")
+        if not any(k.startswith("head.aspp.") for k in state_dict):
+            raise CheckpointError("cannot tell the architecture of this state_dict: a CIRKD-layout backbone "
+                                  "(pretrained.*) without a DeepLabV3 (head.aspp.*) or PSPNet (head.psp.*) head")
+        if _is_mobilenetv2(state_dict, "pretrained.net."):
+            return "deeplabv3_mobilenetv2"
+        depth = _resnet_depth(state_dict, "pretrained.")
+        if depth is not None:
+            return f"deeplabv3_{depth}"
+        raise CheckpointError("cannot tell the architecture of this state_dict: a DeepLabV3 head (head.aspp.*) on a "
+                              "backbone that is neither CIRKD's deep-stem ResNet-18/101 (pretrained.conv1.weight "
+                              "[64, 3, 3, 3] ...) nor its MobileNetV2 (pretrained.net.features.0.0.weight [32, 3, 3, 3])"
+                              + "".join(f"; {h}" for h in _hints(state_dict)))
     stem = state_dict.get("conv1.weight")
     if stem is None or tuple(stem.shape) != (64, 3, 3, 3) or "conv3.weight" not in state_dict:
         raise CheckpointError("cannot tell the architecture of this state_dict: it has no deep stem "
-                              "(conv1.weight [64, 3, 3, 3] ... conv3.weight)"
+                              "(conv1.weight [64, 3, 3, 3] ... conv3.weight, or pretrained.conv1.weight ... for CIRKD's)"
                               + "".join(f"; {h}" for h in _hints(state_dict)))
-    conv1 = state_dict.get("layer1.0.conv1.weight")
-    blocks3 = {k.split(".")[1] for k in state_dict if k.startswith("layer3.")}
-    if conv1 is not None and "layer1.0.conv3.weight" in state_dict and tuple(conv1.shape[2:]) == (1, 1) \
-            and len(blocks3) == 23:
-        return "resnet101"
-    if conv1 is not None and "layer1.0.conv3.weight" not in state_dict and tuple(conv1.shape[2:]) == (3, 3) \
-            and len(blocks3) == 2:
-        return "resnet18"
+    depth = _resnet_depth(state_dict, "")
+    if depth is not None:
+        return f"pspnet_{depth}"
     raise CheckpointError("cannot tell the architecture of this state_dict (expected the deep-stem "
                           "ResNet-18 or ResNet-101 backbone keys, e.g. layer1.0.conv1.weight)"
                           + "".join(f"; {h}" for h in _hints(state_dict)))
@@ -169,11 +226,14 @@ def _hints(sd: dict, expected_arch: str | None = None, imagenet: bool = False) -
             arch = infer_arch(sd)
         except CheckpointError:
             arch = None
-        if arch is not None and arch != expected_arch:
-            role = "student (resnet18)" if arch == "resnet18" else "teacher (resnet101)"
-            hints.append(f"the file holds a {arch} PSPNet, the model is a {expected_arch}: is it the {role} file?")
-    if not imagenet and not hints and "fc.weight" in sd and not any(k.startswith(HEAD_PREFIXES) for k in keys):
-        hints.append("the file is an ImageNet backbone (fc.*, no PSP head): use it as the ImageNet initialisation")
+        if arch is not None and arch != expected_arch and any(k.startswith(HEAD_PREFIXES) for k in keys):
+            role = "teacher" if arch.endswith("resnet101") else "student"
+            hints.append(f"the file holds a {arch.split('_', 1)[1]} {arch_spec(arch).label.split('-')[0]} ({arch}), "
+                         f"the model is a {expected_arch}: is it the {role} file? (or pass --{role}-arch {arch})")
+    if not imagenet and not hints and infer_backbone(sd) is not None \
+            and not any(k.startswith(HEAD_PREFIXES + ("pretrained.",)) for k in keys):
+        hints.append(f"the file is an ImageNet {infer_backbone(sd)} backbone (no segmentation head): use it as the "
+                     "ImageNet initialisation (--student-init)")
     return hints
 
 
@@ -248,55 +308,85 @@ def toolbox_to_original(sd: dict) -> "tuple[OrderedDict[str, torch.Tensor], list
 
 
 def load_teacher(model: nn.Module, path: str | os.PathLike) -> None:
-    """Load a PSPNet teacher file into ``model``, strictly (every key, every shape).
+    """Load a teacher file into ``model``, strictly (every key, every shape).
 
-    Accepts the original layout (``pspmodule.*``/``head.*``) and the toolbox layout
+    PSPNet: the original layout (``pspmodule.*``/``head.*``) and the toolbox layout
     (``head.0.*``/``head.1.*`` + ``fc.*``, the ImageNet classifier, which is dropped).
+    CIRKD's networks: their layout as it is (``num_batches_tracked`` entries are not compared).
     """
     sd = load_state_dict_file(path)
-    if any(k.startswith("head.0.") for k in sd):
+    if any(k.startswith("head.0.") for k in sd) and isinstance(unwrap_model(model), PSPNet):
         sd, _ = toolbox_to_original(sd)
-    _load_strict(model, sd, path, f"teacher ({_arch_of(unwrap_model(model)) or 'PSPNet'})")
+    _load_strict(model, sd, path, f"teacher ({_arch_of(unwrap_model(model)) or 'network'})")
 
 
 def load_student(model: nn.Module, path: str | os.PathLike) -> None:
     """Load a student file (released 150-key layout, or the ``"student"`` entry of ``last.pth``)
     into ``model``, strictly. Keys with a ``module.``/``_orig_mod.`` prefix are an error (with a hint)."""
     sd = load_state_dict_file(path)
-    _load_strict(model, sd, path, f"student ({_arch_of(unwrap_model(model)) or 'PSPNet'})")
+    _load_strict(model, sd, path, f"student ({_arch_of(unwrap_model(model)) or 'network'})")
+
+
+def imagenet_prefix(model: nn.Module) -> str:
+    """Where the keys of an ImageNet initialisation file go in ``model``: ``""`` for the original's
+    PSPNets (top-level backbone), ``"pretrained."`` for CIRKD's ResNet backbones and ``"pretrained.net."``
+    for its MobileNetV2 (file ``features.*`` -> model ``pretrained.net.features.*``)."""
+    backbone = getattr(unwrap_model(model), "pretrained", None)
+    if isinstance(backbone, MobileNetV2Dilated):
+        return "pretrained.net."
+    if isinstance(backbone, ResNetV1s):
+        return "pretrained."
+    return ""
 
 
 def load_imagenet_backbone(model: nn.Module, path: str | os.PathLike, verbose: bool = True) -> dict[str, list[str]]:
-    """Initialise the backbone of ``model`` (stem + layer1..4) from a deep-stem ImageNet ResNet
-    (the CSAIL ``resnet18-imagenet.pth``); the heads (pspmodule, head, dsn) keep their initialisation.
+    """Initialise the backbone of ``model`` from an ImageNet file: a deep-stem ResNet (the CSAIL /
+    CIRKD ``resnet18-imagenet.pth``, ``resnet101-imagenet.pth``) or CIRKD's ``mobilenetv2-imagenet.pth``;
+    the heads keep their initialisation. The file's keys are top-level (``conv1.weight``,
+    ``features.0.0.weight``); they go under :func:`imagenet_prefix` in the model.
 
     Every backbone key of the model must be in the file with its shape, otherwise a
     :class:`CheckpointError` lists the missing keys / shape mismatches and a hint (prefixed keys,
-    torchvision's 7x7 stem, ...). File entries that are not backbone keys (``fc.*``) are skipped.
-    The BN weights are loaded as they are (ABN applies ``|w| + eps``, as the original did).
+    torchvision's 7x7 stem, ...). File entries that are not backbone keys (``fc.*``, ``classifier.*``,
+    MobileNetV2's ``features.18``) are skipped. The BN weights are loaded as they are (the PSPNets'
+    ABN applies ``|w| + eps``, as the original did).
 
     Returns ``{"loaded": [...], "skipped": [...], "not_loaded": [...]}``: model keys loaded, file keys
     skipped, model keys left at their initialisation; prints a summary when ``verbose``.
     """
     raw = load_state_dict_file(path)
-    sd = _drop_counters(raw)
     net = unwrap_model(model)
+    prefix = imagenet_prefix(net)
+    sd = OrderedDict((prefix + k, v) for k, v in _drop_counters(raw).items())
     target = _drop_counters(net.state_dict())
-    backbone = [k for k in target if not k.startswith(HEAD_PREFIXES)]
+    if prefix:
+        backbone = [k for k in target if k.startswith(prefix)]
+    else:
+        backbone = [k for k in target if not k.startswith(HEAD_PREFIXES)]
     missing = [k for k in backbone if k not in sd]
     mismatched = [(k, tuple(sd[k].shape), tuple(target[k].shape)) for k in backbone
                   if k in sd and sd[k].shape != target[k].shape]
     if missing or mismatched:
+        hints = _hints(raw, imagenet=True)
+        found, wanted_bb = infer_backbone(raw), _model_backbone(net)
+        if found is not None and found != wanted_bb:
+            hints.append(f"the file is an ImageNet {found}, the model's backbone is a {wanted_bb}: pass the "
+                         f"{wanted_bb}-imagenet.pth file (or --student-arch for a {found} student)")
+        if prefix and any(k.startswith(prefix) for k in raw):
+            hints.append(f"the file's keys already start with {prefix!r}: it is a whole segmentation model, "
+                         "not an ImageNet backbone (evaluate it with evaluate.py, or use it as --teacher-ckpt)")
+        missing_shown = [k[len(prefix):] if prefix else k for k in missing]
         raise CheckpointError(_mismatch_report(
-            path, "backbone of the model (ImageNet initialisation needs every backbone key)",
-            missing, [], mismatched, _hints(sd, imagenet=True)))
+            path, "backbone of the model (ImageNet initialisation needs every backbone key"
+                  + (f"; file keys are read under {prefix!r})" if prefix else ")"),
+            missing_shown, [], mismatched, hints))
     wanted = set(backbone)
     result = net.load_state_dict(OrderedDict((k, sd[k]) for k in backbone), strict=False)
     if result.unexpected_keys:  # cannot happen: all keys come from the model itself
         raise CheckpointError(f"{path}: unexpected keys while loading the backbone: {result.unexpected_keys}")
     report = {
         "loaded": backbone,
-        "skipped": [k for k in raw if k not in wanted],
+        "skipped": [k for k in raw if prefix + k not in wanted],
         "not_loaded": [k for k in target if k not in wanted],
     }
     if verbose:
@@ -305,6 +395,11 @@ def load_imagenet_backbone(model: nn.Module, path: str | os.PathLike, verbose: b
               f"{len(report['not_loaded'])} head tensors keep their initialisation "
               f"({_short(sorted({k.split('.')[0] + '.*' for k in report['not_loaded']}))})")
     return report
+
+
+def _model_backbone(net: nn.Module) -> str:
+    arch = _arch_of(net)
+    return arch.split("_", 1)[1] if arch else "unknown"
 
 
 def _short(keys: list[str], n: int = 6) -> str:

@@ -107,6 +107,9 @@ def fill_state_dict(spec: list[tuple[str, Shape]], seed: int = 0, negative_bn: b
                 t = torch.where(torch.rand(shape, generator=g) < 0.25, -t, t)
         elif leaf == "running_var":
             t = 0.5 + torch.rand(shape, generator=g)
+        elif leaf == "num_batches_tracked":  # plain BatchNorm2d files (CIRKD's): an int64 scalar
+            sd[key] = torch.tensor(int(torch.randint(1, 100000, (), generator=g)), dtype=torch.long)
+            continue
         else:  # BN bias, running_mean, conv/linear bias
             t = 0.1 * torch.randn(shape, generator=g)
         sd[key] = t.float().contiguous()
@@ -179,4 +182,115 @@ def write_torchvision_resnet18(path: str | Path, seed: int = 0) -> "OrderedDict[
     """Write a torchvision-like resnet18 file (7x7 conv1): the wrong ImageNet init for this student."""
     sd = fill_state_dict(torchvision_resnet18_key_shapes(), seed)
     _save_legacy(sd, path)
+    return sd
+
+
+# ------------------------------------------------------------------------------------------------
+# CIRKD family (winycg/CIRKD, models/ at 7e0d21f, March 2022: the code of its released teacher).
+# Written from the description of that code in /work/shared/reference/peers.md and the model
+# docstrings' *facts* (names, widths, rates), not by asking the models under test.
+
+CIRKD_BN_SUFFIXES = BN_SUFFIXES + ("num_batches_tracked",)
+CIRKD_HEAD_WIDTH = {"resnet18": 128, "resnet101": 256, "mobilenetv2": 128}   # ASPP / head channels C
+CIRKD_BACKBONE_OUT = {"resnet18": 512, "resnet101": 2048, "mobilenetv2": 320}
+# MobileNetV2 (t, c, n, s), width 1.0; CIRKD keeps features[0..17] (no 1280 conv, no classifier)
+MBV2_SETTING = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
+
+
+def _with_counters(spec: list[tuple[str, Shape]]) -> list[tuple[str, Shape]]:
+    """Add ``num_batches_tracked`` (shape ()) after each BN's running_var, as nn.BatchNorm2d saves them."""
+    out: list[tuple[str, Shape]] = []
+    for key, shape in spec:
+        out.append((key, shape))
+        if key.endswith(".running_var"):
+            out.append((key[: -len("running_var")] + "num_batches_tracked", ()))
+    return out
+
+
+def mobilenetv2_key_shapes(imagenet_tail: bool = False) -> list[tuple[str, Shape]]:
+    """``features.*`` of MobileNetV2 (top-level keys, as in ``mobilenetv2-imagenet.pth``).
+    ``imagenet_tail`` adds what the ImageNet file has beyond CIRKD's backbone: ``features.18``
+    (1x1 conv 320 -> 1280 + BN) and ``classifier.1`` (Linear 1280 -> 1000)."""
+    spec: list[tuple[str, Shape]] = [("features.0.0.weight", (32, 3, 3, 3))] + _bn("features.0.1", 32)
+    inp, index = 32, 1
+    for t, c, n, _s in MBV2_SETTING:
+        for _ in range(n):
+            p, hidden = f"features.{index}.conv", inp * t
+            if t == 1:
+                spec += [(f"{p}.0.weight", (hidden, 1, 3, 3))] + _bn(f"{p}.1", hidden)
+                spec += [(f"{p}.3.weight", (c, hidden, 1, 1))] + _bn(f"{p}.4", c)
+            else:
+                spec += [(f"{p}.0.weight", (hidden, inp, 1, 1))] + _bn(f"{p}.1", hidden)
+                spec += [(f"{p}.3.weight", (hidden, 1, 3, 3))] + _bn(f"{p}.4", hidden)
+                spec += [(f"{p}.6.weight", (c, hidden, 1, 1))] + _bn(f"{p}.7", c)
+            inp, index = c, index + 1
+    if imagenet_tail:
+        spec += [("features.18.0.weight", (1280, 320, 1, 1))] + _bn("features.18.1", 1280)
+        spec += [("classifier.1.weight", (IMAGENET_CLASSES, 1280)), ("classifier.1.bias", (IMAGENET_CLASSES,))]
+    return spec
+
+
+def deeplabv3_key_shapes(backbone: str, num_classes: int = 19) -> list[tuple[str, Shape]]:
+    """CIRKD's DeepLabV3 state_dict (``pretrained.*`` backbone, ``head.*``, ``auxlayer.*`` on ResNets),
+    with ``num_batches_tracked`` for every BN, in module order."""
+    if backbone == "mobilenetv2":
+        spec = [("pretrained.net." + k, s) for k, s in mobilenetv2_key_shapes()]
+    else:
+        spec = [("pretrained." + k, s) for k, s in backbone_key_shapes(backbone)]
+    cin, c = CIRKD_BACKBONE_OUT[backbone], CIRKD_HEAD_WIDTH[backbone]
+    spec += [("head.aspp.b0.0.weight", (c, cin, 1, 1))] + _bn("head.aspp.b0.1", c)
+    for b in (1, 2, 3):
+        spec += [(f"head.aspp.b{b}.block.0.weight", (c, cin, 3, 3))] + _bn(f"head.aspp.b{b}.block.1", c)
+    spec += [("head.aspp.b4.gap.1.weight", (c, cin, 1, 1))] + _bn("head.aspp.b4.gap.2", c)
+    spec += [("head.aspp.project.0.weight", (c, 5 * c, 1, 1))] + _bn("head.aspp.project.1", c)
+    spec += [("head.block.0.weight", (c, c, 3, 3))] + _bn("head.block.1", c)
+    spec += [("head.block.4.weight", (num_classes, c, 1, 1)), ("head.block.4.bias", (num_classes,))]
+    if backbone != "mobilenetv2":
+        c3 = cin // 2
+        spec += [("auxlayer.block.0.weight", (c3 // 4, c3, 3, 3))] + _bn("auxlayer.block.1", c3 // 4)
+        spec += [("auxlayer.block.4.weight", (num_classes, c3 // 4, 1, 1)), ("auxlayer.block.4.bias", (num_classes,))]
+    return _with_counters(spec)
+
+
+def pspnet_mobile_key_shapes(num_classes: int = 19) -> list[tuple[str, Shape]]:
+    """CIRKD's PSPNet-MobileNetV2 (``psp_mobile``): ``pretrained.net.features.*``, ``head.psp.conv{1..4}``
+    (1x1 320 -> 80 + BN), ``head.block`` (3x3 640 -> 128 + BN), ``head.classifier``; no aux head."""
+    spec = [("pretrained.net." + k, s) for k, s in mobilenetv2_key_shapes()]
+    for i in range(1, 5):
+        spec += [(f"head.psp.conv{i}.0.weight", (80, 320, 1, 1))] + _bn(f"head.psp.conv{i}.1", 80)
+    spec += [("head.block.0.weight", (128, 640, 3, 3))] + _bn("head.block.1", 128)
+    spec += [("head.classifier.weight", (num_classes, 128, 1, 1)), ("head.classifier.bias", (num_classes,))]
+    return _with_counters(spec)
+
+
+def cirkd_state_dict(backbone: str, seed: int = 0, num_classes: int = 19) -> "OrderedDict[str, torch.Tensor]":
+    """A CIRKD DeepLabV3 state_dict for ``backbone`` ("resnet18", "resnet101", "mobilenetv2")."""
+    return fill_state_dict(deeplabv3_key_shapes(backbone, num_classes), seed, negative_bn=False)
+
+
+def write_cirkd_deeplabv3(path: str | Path, backbone: str = "resnet101", seed: int = 0) -> "OrderedDict[str, torch.Tensor]":
+    """Write a CIRKD DeepLabV3 file, as its ``save_checkpoint`` does (``torch.save(model.state_dict())``,
+    zip serialization, unwrapped). ``backbone="resnet101"``: the released Cityscapes teacher's layout."""
+    sd = cirkd_state_dict(backbone, seed)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    torch.save(sd, str(path))
+    return sd
+
+
+def cirkd_imagenet_state_dict(backbone: str, seed: int = 0) -> "OrderedDict[str, torch.Tensor]":
+    """CIRKD's ImageNet initialisations: ``resnet18-imagenet.pth`` / ``resnet101-imagenet.pth``
+    (deep stem, top-level keys, ``fc.*``) and ``mobilenetv2-imagenet.pth`` (``features.0..18``,
+    ``classifier.1.*``); BN ``num_batches_tracked`` included."""
+    if backbone == "mobilenetv2":
+        spec = mobilenetv2_key_shapes(imagenet_tail=True)
+    else:
+        feat = CIRKD_BACKBONE_OUT[backbone]
+        spec = backbone_key_shapes(backbone) + [("fc.weight", (IMAGENET_CLASSES, feat)), ("fc.bias", (IMAGENET_CLASSES,))]
+    return fill_state_dict(_with_counters(spec), seed, negative_bn=False)
+
+
+def write_cirkd_imagenet(path: str | Path, backbone: str, seed: int = 0) -> "OrderedDict[str, torch.Tensor]":
+    sd = cirkd_imagenet_state_dict(backbone, seed)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    torch.save(sd, str(path))
     return sd

@@ -293,9 +293,10 @@ def test_non_dict_training_checkpoint_and_garbage(tmp_path):
 
 
 def test_infer_arch():
-    assert ckpt.infer_arch(random_state_dict("resnet18")) == "resnet18"
-    assert ckpt.infer_arch(csail_resnet18_state_dict()) == "resnet18"
-    assert ckpt.infer_arch({k: torch.empty(s, device="meta") for k, s in pspnet_key_shapes("resnet101")}) == "resnet101"
+    # registry names since issue 12 (before: the aliases "resnet18" / "resnet101")
+    assert ckpt.infer_arch(random_state_dict("resnet18")) == "pspnet_resnet18"
+    assert ckpt.infer_arch(csail_resnet18_state_dict()) == "pspnet_resnet18"
+    assert ckpt.infer_arch({k: torch.empty(s, device="meta") for k, s in pspnet_key_shapes("resnet101")}) == "pspnet_resnet101"
     with pytest.raises(CheckpointError, match="torchvision"):
         from tests.factories import fill_state_dict, torchvision_resnet18_key_shapes
         ckpt.infer_arch(fill_state_dict(torchvision_resnet18_key_shapes()))

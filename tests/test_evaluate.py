@@ -137,7 +137,8 @@ def test_cli_end_to_end_writes_results_json(synth, student, tmp_path, capsys):
     assert r["settings"] == {"mode": "whole", "tile": [512, 512], "overlap": pytest.approx(1 / 3),
                              "stride": [342, 342], "tile_batch": 6, "scales": [1.0], "flip": False, "amp": "none",
                              "num_classes": 19, "batch_size": 1}
-    assert r["checkpoint"]["arch"] == "resnet18"
+    assert r["checkpoint"]["arch"] == "pspnet_resnet18"  # registry name (issue 12; was the alias "resnet18")
+    assert r["checkpoint"]["normalization"] == "caffe_bgr"
     assert r["checkpoint"]["sha256"] == hashlib.sha256(student.read_bytes()).hexdigest()
     assert list(r["per_class_iou"]) == [trainId2label[t].name for t in range(19)]
     assert np.array(r["confusion_matrix"]).shape == (19, 19)
@@ -188,7 +189,7 @@ def test_clear_errors(synth, student, tmp_path, capsys):
     assert "missing.pth: no such file" in capsys.readouterr().err
 
     assert evaluate.cli(base + ["--restore-from", str(student), "--arch", "resnet101"]) == 2
-    assert "holds a resnet18 network, not resnet101" in capsys.readouterr().err
+    assert "holds a pspnet_resnet18 network, not pspnet_resnet101" in capsys.readouterr().err
 
     empty = tmp_path / "empty"
     (empty / "leftImg8bit" / "val").mkdir(parents=True)

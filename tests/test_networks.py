@@ -83,7 +83,9 @@ def test_parameter_counts(arch, expected, published):
 
 
 def test_builders_and_errors():
-    assert set(MODEL_BUILDERS) == {"resnet18", "resnet101"}
+    # the two PSPNets under their aliases and registry names (the other archs: tests/test_models_zoo.py)
+    assert {"resnet18", "resnet101", "pspnet_resnet18", "pspnet_resnet101"} <= set(MODEL_BUILDERS)
+    assert MODEL_BUILDERS["resnet18"] is MODEL_BUILDERS["pspnet_resnet18"]
     assert PSP_FEATURE_CHANNELS == {"resnet18": 128, "resnet101": 512}
     with pytest.raises(ValueError, match="resnet101"):
         build_model("resnet50")

@@ -80,6 +80,8 @@ def check(command: str, synthetic: Path, tmp_path: Path) -> None:
         out = subprocess.run(argv, cwd=ROOT, env=dict(env, PYTHON=str(stub)), capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr
         name = "_".join([argv[6], argv[7], argv[8], argv[2], argv[3], argv[4], argv[5], argv[9]])
+        if "--teacher-arch" in argv:  # another pair than the paper's: the architectures are appended
+            name += f"_T-{argv[argv.index('--teacher-arch') + 1]}_S-{argv[argv.index('--student-arch') + 1]}"
         assert out.stdout.strip() == name
         return
     if argv[:2] == ["python", "train.py"]:
@@ -142,7 +144,10 @@ def check(command: str, synthetic: Path, tmp_path: Path) -> None:
     if argv[:3] == ["python", "-m", "cwdseg.models"]:
         out = subprocess.run([sys.executable, *argv[1:]], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr
-        expected = {"resnet18": ("13.07M", "125.8"), "resnet101": ("70.44M", "574.9")}[argv[argv.index("--arch") + 1]]
+        expected = {"resnet18": ("13.07M", "125.8"), "resnet101": ("70.44M", "574.9"),  # at 512x1024
+                    # CIRKD's published params and FLOPs (its own count) at 1024x2048
+                    "deeplabv3_resnet101": ("61.12M", "2371.7 G"), "deeplabv3_resnet18": ("13.61M", "572.0 G"),
+                    "deeplabv3_mobilenetv2": ("3.23M", "128.9 G")}[argv[argv.index("--arch") + 1]]
         assert all(e in out.stdout for e in expected), out.stdout
         return
     raise AssertionError(f"README command with no check in tests/test_readme.py: {command}")

@@ -17,7 +17,7 @@ from tests.factories import random_state_dict, write_legacy_student, write_legac
 from tools import reproduce_table
 from tools.reproduce_table import RELEASED_CHECKPOINTS
 
-TEACHER, STUDENT_A, STUDENT_B = (c.file for c in RELEASED_CHECKPOINTS)
+TEACHER, STUDENT_A, STUDENT_B, CIRKD_TEACHER = (c.file for c in RELEASED_CHECKPOINTS)
 MAX_IMAGES = 2
 
 
@@ -36,10 +36,10 @@ def ckpts(tmp_path_factory) -> Path:
     return folder
 
 
-def reference_miou(arch: str, seed: int, root: Path, n: int) -> float:
+def reference_miou(arch: str, seed: int, root: Path, n: int, state_dict: dict | None = None) -> float:
     """Whole-image mIoU (percent) computed here from the generated weights, with NumPy bookkeeping."""
     model = build_model(arch)
-    model.load_state_dict(random_state_dict(arch, seed))
+    model.load_state_dict(random_state_dict(arch, seed) if state_dict is None else state_dict)
     model.eval()
     dataset = CityscapesDataset(root, "val", crop_size=None, verbose=False)
     conf = np.zeros((19, 19), dtype=np.int64)
@@ -56,9 +56,10 @@ def reference_miou(arch: str, seed: int, root: Path, n: int) -> float:
 
 
 def test_table_lists_the_released_files():
-    assert [c.published_val for c in RELEASED_CHECKPOINTS] == [78.56, 75.02, 75.90]
-    assert [c.published_test for c in RELEASED_CHECKPOINTS] == [None, 73.86, 74.58]
-    assert [c.arch for c in RELEASED_CHECKPOINTS] == ["resnet101", "resnet18", "resnet18"]
+    # the fourth row (issue 12): CIRKD's DeepLabV3-R101 Cityscapes teacher, 78.07 val / 77.46 test
+    assert [c.published_val for c in RELEASED_CHECKPOINTS] == [78.56, 75.02, 75.90, 78.07]
+    assert [c.published_test for c in RELEASED_CHECKPOINTS] == [None, 73.86, 74.58, 77.46]
+    assert [c.arch for c in RELEASED_CHECKPOINTS] == ["resnet101", "resnet18", "resnet18", "deeplabv3_resnet101"]
     assert all(c.protocol == {"mode": "whole", "scales": [1.0], "flip": False} for c in RELEASED_CHECKPOINTS)
 
 
@@ -68,9 +69,9 @@ def test_all_present_are_evaluated(synth, ckpts, tmp_path, capsys):
                                "--device", "cpu", "--out-dir", str(out), "--num-workers", "0", "--no-progress"])
     assert rc == 0
     rows = json.loads((out / "reproduce_table.json").read_text())["rows"]
-    assert [r["evaluated"] for r in rows] == [True, True, True]
+    assert [r["evaluated"] for r in rows] == [True, True, True, False]  # no CIRKD teacher in the fixture
     # only two images: never reported as reproducing (or missing) the published figure
-    assert [r["status"] for r in rows] == [f"not comparable (first {MAX_IMAGES} images only)"] * 3
+    assert [r["status"] for r in rows] == [f"not comparable (first {MAX_IMAGES} images only)"] * 3 + ["missing"]
     for row, (arch, seed) in zip(rows, [("resnet101", 0), ("resnet18", 1), ("resnet18", 2)]):
         assert row["measured"] == pytest.approx(reference_miou(arch, seed, synth, MAX_IMAGES), abs=1e-6)
         assert row["delta"] == pytest.approx(row["measured"] - row["published_val"])
@@ -95,7 +96,8 @@ def test_missing_and_wrong_files_are_reported(synth, ckpts, tmp_path, capsys):
     assert rows[STUDENT_A]["evaluated"] and rows[STUDENT_A]["status"].startswith("not comparable")
     assert rows[STUDENT_B]["status"] == "missing" and rows[STUDENT_B]["measured"] is None
     assert f"missing: {partial / STUDENT_B} not found" in printed
-    assert rows[TEACHER]["status"] == "error" and "holds a resnet18 network, not resnet101" in rows[TEACHER]["message"]
+    assert rows[TEACHER]["status"] == "error" and \
+        "holds a pspnet_resnet18 network, not pspnet_resnet101" in rows[TEACHER]["message"]
 
 
 def test_nothing_found_exits_1(synth, tmp_path, capsys):
@@ -103,7 +105,7 @@ def test_nothing_found_exits_1(synth, tmp_path, capsys):
                                "--out-dir", str(tmp_path / "out"), "--device", "cpu"])
     assert rc == 1
     captured = capsys.readouterr()
-    assert sum(line.startswith("missing: ") for line in captured.out.splitlines()) == 3
+    assert sum(line.startswith("missing: ") for line in captured.out.splitlines()) == 4
     assert "no checkpoint could be evaluated" in captured.err
 
 
@@ -126,3 +128,17 @@ def test_status_of_a_row_far_below_published_is_not_ok(synth, ckpts, tmp_path):
     measured = rows[0]["measured"]
     assert measured < 20
     assert rows[0]["status"] == f"off by {measured - 75.02:+.2f} (more than ±0.5)"
+
+
+def test_a_cirkd_row_is_evaluated_with_its_architecture(synth, tmp_path):
+    # The CIRKD teacher row's machinery (DeepLabV3, CIRKD layout, its normalisation) on a small
+    # DeepLabV3-R18 file in the same layout, under a row of its own.
+    from tests.factories import write_cirkd_deeplabv3
+    from tools.reproduce_table import ReleasedCheckpoint, reproduce
+
+    sd = write_cirkd_deeplabv3(tmp_path / "kd.pth", "resnet18", seed=7)
+    row = ReleasedCheckpoint("kd.pth", "DeepLabV3-R18", "deeplabv3_resnet18", 74.21, None, "here")
+    (result,) = reproduce(tmp_path, synth, max_images=MAX_IMAGES, device="cpu", num_workers=0, progress=False,
+                          checkpoints=(row,))
+    assert result["evaluated"] and result["status"] == f"not comparable (first {MAX_IMAGES} images only)"
+    assert result["measured"] == pytest.approx(reference_miou("deeplabv3_resnet18", 0, synth, MAX_IMAGES, sd), abs=1e-6)

@@ -76,6 +76,8 @@ def test_exp_cwd_recipe_writes_run_outputs(recipe, data_dir, tmp_path):
     kd, adv, feat, norm, div, weight, temp, version = (positional[4], positional[5], positional[6], *positional[:4],
                                                       positional[7])
     name = f"{kd}_{adv}_{feat}_{norm}_{div}_{weight}_{temp}_{version}"
+    if recipe in ("cwd_logits", "cwd_kd_adv"):  # TINY's R18 teacher is not the paper's pair: named in the run
+        name += "_T-pspnet_resnet18_S-pspnet_resnet18"
     run_dir = tmp_path / name
     assert run_dir.is_dir(), f"run folder {name} missing; have {list(tmp_path.iterdir())}"
 

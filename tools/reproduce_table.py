@@ -1,10 +1,12 @@
-"""Evaluate the released CWD checkpoints and print published vs measured mIoU side by side.
+"""Evaluate the released CWD checkpoints (and CIRKD's DeepLabV3-R101 teacher) and print published vs
+measured mIoU side by side.
 
     python -m tools.reproduce_table --data-dir data/cityscapes --ckpt-dir ckpt
 
 Every file of :data:`RELEASED_CHECKPOINTS` found in ``--ckpt-dir`` is evaluated with the protocol its
 number was published with (all of them: whole 1024x2048 image, one scale, no flip, on val); a missing
-file is reported with where to get it. The table is printed and written as JSON and markdown into
+file is reported with where to get it. Each file is read with the input normalisation of its
+architecture (``cwdseg.models.NORMALIZATION``: Caffe BGR for all of them). The table is printed and written as JSON and markdown into
 ``--out-dir``. Exit status 1 when no checkpoint could be evaluated. The ImageNet initialisation
 (``resnet18-imagenet.pth``) has no mIoU and is not listed. Test-split numbers come from the
 benchmark server: with ``--split test`` each checkpoint's ``submission.zip`` is written instead.
@@ -24,8 +26,9 @@ from cwdseg.cli.checks import writable_folder_error
 from cwdseg.data import DatasetError
 from cwdseg.engine.distributed import DeviceError, resolve_device
 from cwdseg.engine.precision import AMP_CHOICES
-from cwdseg.evaluation.loop import EvaluationError, build_eval_dataset, build_eval_loader, evaluate_model, \
-    load_model, sha256_file
+from cwdseg.models import canonical_arch
+from cwdseg.evaluation.loop import EvaluationError, build_eval_dataset, build_eval_loader, checkpoint_normalization, \
+    evaluate_model, load_model, sha256_file
 
 SEE_README = "see TorchDistiller README"
 # mIoU points within which a measurement counts as reproducing the published figure: the README's own
@@ -64,6 +67,12 @@ RELEASED_CHECKPOINTS: tuple[ReleasedCheckpoint, ...] = (
         "PSPNet-R18 student, probably CWD + pixel KD + GAN (README example 2)", "resnet18", 75.90, 74.58,
         SEE_README, note="the recipe is inferred, not stated by the authors",
     ),
+    ReleasedCheckpoint(
+        "deeplabv3_resnet101_citys_best_model.pth", "DeepLabV3-R101 teacher of the CIRKD protocol",
+        "deeplabv3_resnet101", 78.07, 77.46,
+        "Google Drive (id 1zUdhYPYCDCclWU3Wo7GbbTlM8ibQ_UC1), see the winycg/CIRKD README",
+        note="CIRKD validates on the whole 1024x2048 image, one scale, no flip; 78.07 is its best-val checkpoint",
+    ),
 )
 
 
@@ -90,7 +99,7 @@ def reproduce(
     """
     ckpt_dir = Path(ckpt_dir)
     dev = resolve_device(device)
-    dataset = None
+    datasets: dict[str, Any] = {}  # by normalisation name: built once each, only when needed
     rows = []
     for entry in checkpoints:
         row: dict[str, Any] = {**asdict(entry), "status": "missing", "message": "", "measured": None,
@@ -107,8 +116,11 @@ def reproduce(
             row.update(status="error", message=f"{path}: {exc}")
             print(f"error: {row['message']}", flush=True)
             continue
-        if dataset is None:  # built once, and only when there is something to evaluate
-            dataset = build_eval_dataset(data_dir, split, max_images=max_images)
+        normalization = checkpoint_normalization(canonical_arch(entry.arch))
+        if normalization.name not in datasets:  # built once, and only when there is something to evaluate
+            datasets[normalization.name] = build_eval_dataset(data_dir, split, max_images=max_images,
+                                                              normalization=normalization)
+        dataset = datasets[normalization.name]
         loader = build_eval_loader(dataset, batch_size, num_workers)
         save_dir = Path(out_dir) / Path(entry.file).stem if (out_dir is not None and split == "test") else None
         print(f"evaluating {path} ({entry.arch}) on {len(dataset)} {split} images, {entry.protocol}", flush=True)

@@ -1,4 +1,4 @@
-"""Evaluate a PSPNet checkpoint on Cityscapes val (mIoU) or predict the test split for the server.
+"""Evaluate a segmentation checkpoint (PSPNet, CIRKD's DeepLabV3) on Cityscapes val (mIoU) or predict the test split for the server.
 
 The defaults are the protocol of every published number of the original code ("singleAndWhole"):
 the whole 1024x2048 image in one forward, one scale, no flip, fp32.
@@ -8,7 +8,8 @@ the whole 1024x2048 image in one forward, one scale, no flip, fp32.
     python evaluate.py --data-dir D --restore-from CKPT --split test --save-dir outputs/test   # -> submission zip
     python evaluate.py ... --mode sliding --tile 512 512 --overlap 1/3 --scales 0.75 1.0 1.25 --flip
 
-The architecture is read from the checkpoint's keys (``--arch`` only double-checks it). With
+The architecture is read from the checkpoint's keys (``--arch`` only double-checks it), and the
+input normalisation follows it (the one its weights were trained with; ``--normalization`` overrides). With
 ``--save-dir`` it writes ``results.json`` and the predictions: for val colour PNGs (official Cityscapes
 palette), trainId PNGs, labelId PNGs and ``class_iou.png`` (per-class IoU bars; ``--compare`` another
 results.json, e.g. the teacher's, to draw both); for test labelId PNGs named ``<city>_<seq>_<frame>_leftImg8bit.png``
@@ -34,8 +35,10 @@ from cwdseg.data.cityscapes import default_num_workers
 from cwdseg.engine.distributed import DeviceError, resolve_device
 from cwdseg.engine.precision import AMP_CHOICES
 from cwdseg.evaluation.inference import parse_overlap
+from cwdseg.data.transforms import NORMALIZATIONS
 from cwdseg.evaluation.loop import SPLITS, EvaluationError, _as_amp_dtype, build_eval_dataset, build_eval_loader, \
-    evaluate_model, load_model, sha256_file
+    checkpoint_normalization, evaluate_model, load_model, sha256_file
+from cwdseg.models import ARCH_NAMES
 from cwdseg.evaluation.metrics import format_table
 from cwdseg.evaluation.official import run_official_check
 from cwdseg.evaluation.writers import COLOR_DIR, LABEL_ID_DIR, PANEL_DIR, SUBMISSION_ZIP, TRAIN_ID_DIR
@@ -54,7 +57,7 @@ def _overlap_arg(value: str) -> float:
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """The command line of evaluate.py (reusable by other scripts through ``parents=``)."""
-    p = argparse.ArgumentParser(description="Evaluate a PSPNet checkpoint on a dataset (Cityscapes by default)", add_help=add_help,
+    p = argparse.ArgumentParser(description="Evaluate a segmentation checkpoint on a dataset (Cityscapes by default)", add_help=add_help,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default=os.environ.get("DATASET", "cityscapes"), choices=sorted(DATASETS),
@@ -68,8 +71,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="number of classes of the network; default: the dataset's (must agree when given)")
     g = p.add_argument_group("model")
     g.add_argument("--restore-from", required=True, help="checkpoint file (released student/teacher or ours)")
-    g.add_argument("--arch", choices=("resnet18", "resnet101"), default=None,
+    g.add_argument("--arch", choices=ARCH_NAMES, default=None,
                    help="network; default: inferred from the checkpoint's keys (given: must match the file)")
+    g.add_argument("--normalization", choices=sorted(NORMALIZATIONS), default=None,
+                   help="input normalisation; default: the one the checkpoint's architecture was trained with")
     g = p.add_argument_group("protocol")
     g.add_argument("--mode", choices=("whole", "sliding"), default="whole",
                    help="whole image in one forward, or overlapping tiles")
@@ -189,10 +194,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model, arch = load_model(args.restore_from, args.arch, args.num_classes)
     if args.save_dir is not None:
         prepare_save_dir(Path(args.save_dir), args.restore_from, args.overwrite)
+    normalization = checkpoint_normalization(arch, args.normalization)
     dataset = build_eval_dataset(args.data_dir, args.split, args.data_list, args.max_images, dataset=args.dataset,
-                                 short_side=args.short_side)
+                                 short_side=args.short_side, normalization=normalization)
     loader = build_eval_loader(dataset, args.batch_size, args.num_workers)
-    print(f"evaluating {args.restore_from} ({arch}) on {len(dataset)} {args.split} images, {args.mode} mode, "
+    print(f"evaluating {args.restore_from} ({arch}, input {normalization.name}) on {len(dataset)} {args.split} images, {args.mode} mode, "
           f"scales {args.scales}, flip {args.flip}, amp {args.amp}, device {device}", flush=True)
 
     results = evaluate_model(
@@ -201,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         split=args.split, progress=args.progress, tile_batch=args.tile_batch,
     )
     results["checkpoint"] = {"path": str(Path(args.restore_from).resolve()), "sha256": sha256_file(args.restore_from),
-                             "arch": arch}
+                             "arch": arch, "normalization": normalization.name}
     results["data"] = {"dataset": args.dataset, "data_dir": str(Path(args.data_dir).resolve()), "data_list": args.data_list,
                        "max_images": args.max_images}
 

@@ -31,7 +31,9 @@ from cwdseg.data.registry import DATASETS, build_dataset, dataset_info
 from cwdseg.data.cityscapes import build_loader, default_num_workers
 from cwdseg.data.sampling import TrainSampleStream
 from cwdseg.distill.registry import PRESETS, TERM_NAMES, DistillSpecError, resolve_spec, spec_run_name
-from cwdseg.engine.build import RANDOM, Engine, Models, build_criteria, build_engine, build_models, build_optimizers
+from cwdseg.data.transforms import NORMALIZATIONS
+from cwdseg.engine.build import RANDOM, Engine, Models, build_criteria, build_engine, build_models, build_optimizers, \
+    maps_differ, resolve_model_args
 from cwdseg.engine.distributed import DeviceError, DistInfo, barrier, cleanup, init_distributed
 from cwdseg.engine.precision import AMP_CHOICES
 from cwdseg.engine.runlog import RunLog, StepWindow, code_version, peak_tflops
@@ -41,6 +43,7 @@ from cwdseg.engine.state import jsonable, load_last, save_last, write_config as 
 from cwdseg.engine.step import poly_lr, set_lr, train_step
 from cwdseg.cli.checks import train_value_errors
 from cwdseg.evaluation.loop import EvaluationError, build_eval_dataset, build_eval_loader, evaluate_model
+from cwdseg.models import ARCH_NAMES, PAPER_PAIR, canonical_arch
 from cwdseg.models.summary import training_step_flops
 
 __all__ = ["get_args_parser", "resolve_args", "main", "cli", "poly_lr"]
@@ -116,7 +119,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("distillation")
     g.add_argument("--cwd", default=False, **flag, help="channel-wise distillation")
     g.add_argument("--cwd-feat", default=False, **flag,
-                   help="CWD on the PSP feature through a 1x1 connector instead of on the logits")
+                   help="CWD on the head feature (PSP / DeepLabV3 head) through a 1x1 connector instead of on the logits")
     g.add_argument("--norm-type", default="channel", choices=["channel", "spatial", "channel_mean", "none"])
     g.add_argument("--divergence", default="kl", choices=["kl", "mse"])
     g.add_argument("--temperature", type=float, default=4.0, help="CWD temperature (forced to 1 with mse)")
@@ -138,15 +141,27 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("models")
     g.add_argument("--T_ckpt_path", "--teacher-ckpt", dest="T_ckpt_path", default="ckpt/teacher_city.pth",
                    help=f"teacher weights; '{RANDOM}' for a random teacher (smoke tests only)")
-    g.add_argument("--teacher-arch", default="resnet101", choices=["resnet101", "resnet18"])
+    g.add_argument("--teacher-arch", default="resnet101", choices=ARCH_NAMES,
+                   help="teacher network (resnet101 = pspnet_resnet101, the paper's)")
+    g.add_argument("--student-arch", default="resnet18", choices=ARCH_NAMES,
+                   help="student network (resnet18 = pspnet_resnet18, the paper's)")
+    g.add_argument("--teacher-normalization", default=None, choices=sorted(NORMALIZATIONS),
+                   help="input normalisation the teacher's weights expect; none: the architecture's")
+    g.add_argument("--student-normalization", default=None, choices=sorted(NORMALIZATIONS),
+                   help="input normalisation of the student (and of the data); none: the architecture's")
+    g.add_argument("--allow-normalization-mismatch", action="store_true",
+                   help="accept a teacher whose normalisation differs from the student's (it sees the student's input)")
     g.add_argument("--is-student-load-imgnet", default=True, **flag, help="initialise the student from ImageNet")
     g.add_argument("--student-pretrain-model-imgnet", "--student-init", dest="student_pretrain_model_imgnet",
-                   default="ckpt/resnet18-imagenet.pth",
-                   help=f"CSAIL deep-stem ResNet-18 ImageNet weights; '{RANDOM}' for random init")
+                   default=None,
+                   help="deep-stem ImageNet weights of the student's backbone; none: ckpt/<backbone>-imagenet.pth "
+                        f"(resnet18, resnet101, mobilenetv2); '{RANDOM}' for random init")
 
     g = p.add_argument_group("outputs and run control")
     g.add_argument("--save-dir", default="ckpt", help="runs are written to SAVE_DIR/SAVE_NAME/")
     g.add_argument("--save-name", default=None, help="run name; none: built like exp_cwd.sh's")
+    g.add_argument("--exp-name", default=None,
+                   help="run name built by exp_cwd.sh; the architectures are appended when they are not the paper's pair")
     g.add_argument("--save-every", "--save-ckpt-every", dest="save_every", type=int, default=0,
                    help="also write city_<step>_G.pth every N steps (0: only at the end, as the original)")
     g.add_argument("--save-last-every", type=int, default=500,
@@ -221,6 +236,16 @@ def default_run_name(args: argparse.Namespace) -> str:
                      format_number(args.lambda_cwd), format_number(args.temperature), version])
 
 
+def arch_tag(args: argparse.Namespace) -> str:
+    """``""`` for the paper's PSPNet-R101 -> PSPNet-R18 (or a PSPNet-R18 baseline), else
+    ``_T-<teacher>_S-<student>`` (``_S-<student>`` without a teacher), for run names."""
+    student = canonical_arch(args.student_arch)
+    if not (args.cwd or args.kd or args.adv):
+        return "" if student == PAPER_PAIR[1] else f"_S-{student}"
+    teacher = canonical_arch(args.teacher_arch)
+    return "" if (teacher, student) == PAPER_PAIR else f"_T-{teacher}_S-{student}"
+
+
 def resolve_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = get_args_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -242,8 +267,8 @@ def resolve_args(argv: list[str] | None = None) -> argparse.Namespace:
     except DistillSpecError as exc:
         parser.error(str(exc))
     if args.save_name is None:
-        args.save_name = default_run_name(args)
-    errors = []
+        args.save_name = (args.exp_name or default_run_name(args)) + arch_tag(args)
+    errors = resolve_model_args(args)
     if args.cwd_feat and not args.cwd:
         errors.append("--cwd-feat True needs --cwd True (it selects where CWD is applied)")
     if args.divergence == "mse" and args.temperature != 1.0:
@@ -326,6 +351,7 @@ def build_train_loader(args: argparse.Namespace, info: DistInfo, per_rank: int, 
         args.dataset, args.data_dir, "train", args.data_list, crop_size=args.input_size,
         random_scale=args.random_scale, random_mirror=args.random_mirror, ignore_label=args.ignore_label,
         cache_images=args.cache_images, verbose=info.is_main, image_cache=args.image_cache,
+        normalization=NORMALIZATIONS[args.student_normalization],
     )
     stream = TrainSampleStream(len(train_set), seed=args.seed, rank=info.rank, world_size=info.world_size,
                                start=start_step * per_rank * args.grad_accum)
@@ -354,7 +380,8 @@ class Validation:
     def run(self, models: Models, engine: Engine, step: int, tag: str) -> dict:
         if self.loader is None:
             val_set = build_eval_dataset(self.args.data_dir, "val", self.args.data_listval,
-                                         ignore_label=self.args.ignore_label, dataset=self.args.dataset)
+                                         ignore_label=self.args.ignore_label, dataset=self.args.dataset,
+                                         normalization=NORMALIZATIONS[self.args.student_normalization])
             self.loader = build_eval_loader(val_set, batch_size=1, num_workers=min(self.args.num_workers, 2))
         metrics = evaluate_model(models.student_module, self.loader, num_classes=self.args.num_classes,
                                  device=engine.device, amp=self.args.amp, progress=sys.stdout.isatty())
@@ -402,6 +429,19 @@ def finish_run(args: argparse.Namespace, info: DistInfo, run_dir: Path, models: 
           f"{', eval.json' if args.eval else ''})")
 
 
+def log_model_pair(args: argparse.Namespace, log) -> None:
+    """Say once what the pair of architectures implies: the resize of the distilled maps, a knowingly
+    mismatched normalisation."""
+    if not args.distill_terms:
+        return
+    if maps_differ(args.teacher_arch, args.student_arch, args.input_size):
+        log(f"note: the teacher {canonical_arch(args.teacher_arch)} and the student {canonical_arch(args.student_arch)} "
+            "give maps of different sizes; the distillation terms resize the student's maps to the teacher's (bilinear)")
+    if args.teacher_normalization != args.student_normalization:
+        log(f"WARNING: --allow-normalization-mismatch: the teacher (trained on {args.teacher_normalization} input) "
+            f"is fed the student's {args.student_normalization} input")
+
+
 # --------------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------------
@@ -430,13 +470,14 @@ def main(argv: list[str] | None = None) -> int:
     # build -> resume
     models = build_models(args, info, log)
     criteria, weights = build_criteria(args)
+    log_model_pair(args, log)
     opt_g, opt_d = build_optimizers(args, models)
     start_step = resume_step(args, run_dir, models, opt_g, opt_d, engine, log)
     if info.is_main:
         write_config(args, info, run_dir, per_rank, start_step)
     loader = build_train_loader(args, info, per_rank, start_step)
     stop = StopRequest().install(args.stop_signal)
-    flops = training_step_flops("resnet18", args.teacher_arch if models.teacher is not None else None,
+    flops = training_step_flops(args.student_arch, args.teacher_arch if models.teacher is not None else None,
                                 args.input_size, args.batch_size)
     validation = Validation(args, run_dir)
     last_path = run_dir / "last.pth"

@@ -20,7 +20,8 @@ class CriterionDSN(nn.Module):
     Computed in float32 with autocast off.
 
     ``forward(preds, target, return_parts=False)``: ``preds`` is the model output tuple
-    ``(logits [N,K,h,w], aux_logits [N,K,h',w'], ...)``; ``target`` is an integer [N, H, W] (long
+    ``(logits [N,K,h,w], aux_logits [N,K,h',w'] or None, ...)`` (None: a network without an auxiliary
+    head; the total is then ``ce_main`` alone); ``target`` is an integer [N, H, W] (long
     or uint8). Returns the scalar total ``ce_main + aux_weight * ce_aux``; with ``return_parts=True``
     returns ``(total, {"ce_main": ce_main, "ce_aux": ce_aux})`` with the two *unweighted* CEs.
     """
@@ -51,14 +52,20 @@ class CriterionDSN(nn.Module):
             raise TypeError(f"CriterionDSN: target must be an integer tensor of class ids; got {target.dtype}")
         logits, aux = preds[0], preds[1]
         for name, x in (("logits", logits), ("aux_logits", aux)):
+            if x is None and name == "aux_logits":
+                continue  # a network without an auxiliary head (MobileNetV2 students, as in CIRKD)
             _check_4d(x, f"CriterionDSN {name}")
             if x.shape[0] != target.shape[0]:
                 raise ValueError(f"CriterionDSN: batch sizes differ: {name} {tuple(x.shape)} vs target {tuple(target.shape)}")
         target = target.long()
         with _fp32_region(logits.device):
             ce_main = self._ce(logits, target)
-            ce_aux = self._ce(aux, target)
-            total = ce_main + self.aux_weight * ce_aux
+            if aux is None:
+                ce_aux = ce_main.new_zeros(())
+                total = ce_main
+            else:
+                ce_aux = self._ce(aux, target)
+                total = ce_main + self.aux_weight * ce_aux
         if return_parts:
             return total, {"ce_main": ce_main, "ce_aux": ce_aux}
         return total

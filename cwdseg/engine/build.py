@@ -15,7 +15,7 @@ from cwdseg.distill import CriterionDSN
 from cwdseg.distill.registry import build_term, connector_policy, method_of, resolve_spec, tap_of
 from cwdseg.engine.distributed import DistInfo
 from cwdseg.engine.precision import AMP_DTYPES, autocast_context, resolve_amp
-from cwdseg.models import FEATURE_CHANNELS, build_model
+from cwdseg.models import FEATURE_CHANNELS, NORMALIZATION, build_model, canonical_arch, output_size
 from cwdseg.models.abn import convert_sync_abn
 from cwdseg.models.connector import FeatureConnector
 from cwdseg.models.discriminator import Discriminator
@@ -116,11 +116,11 @@ def warn_loud(message: str) -> None:
 
 def build_models(args: argparse.Namespace, info: DistInfo, log) -> Models:
     device = info.device
-    student = build_model("resnet18", args.num_classes)
+    student = build_model(args.student_arch, args.num_classes)
     if not args.is_student_load_imgnet or args.student_pretrain_model_imgnet == RANDOM:
         if info.is_main:
             warn_loud("the student starts from RANDOM weights (no ImageNet initialisation); "
-                      "the paper's numbers need ckpt/resnet18-imagenet.pth")
+                      f"published numbers need {default_imagenet_init(args.student_arch)}")
     else:
         report = ckpt.load_imagenet_backbone(student, args.student_pretrain_model_imgnet, verbose=info.is_main)
         log(f"student initialised from {args.student_pretrain_model_imgnet}: "
@@ -150,6 +150,7 @@ def build_models(args: argparse.Namespace, info: DistInfo, log) -> Models:
         convert_sync_abn(student)
         if connector is not None:
             convert_sync_abn(connector)
+        student = sync_batch_norm(student, device, log)
     student_module = student
     if args.compile:
         student = torch.compile(student)
@@ -182,6 +183,63 @@ def build_criteria(args: argparse.Namespace) -> tuple[Criteria, Weights]:
                                     tap_of(name, options))
         weights.terms[name] = options["weight"]
     return criteria, weights
+
+
+def default_imagenet_init(arch: str) -> str:
+    """Where the ImageNet initialisation of ``arch``'s backbone is expected: ``ckpt/<backbone>-imagenet.pth``
+    (``resnet18`` / ``resnet101`` deep stem, CSAIL's = CIRKD's file; ``mobilenetv2``, CIRKD's)."""
+    return f"ckpt/{canonical_arch(arch).split('_', 1)[1]}-imagenet.pth"
+
+
+def maps_differ(teacher_arch: str, student_arch: str, input_size: tuple[int, int]) -> bool:
+    """Whether the two networks' output maps differ in size for crops of ``input_size``."""
+    return output_size(teacher_arch, input_size) != output_size(student_arch, input_size)
+
+
+def resolve_model_args(args: argparse.Namespace) -> list[str]:
+    """Fill the per-architecture defaults of ``args`` (the two normalisations, the ImageNet file of
+    the student's backbone); returns :func:`model_pair_problems`."""
+    args.teacher_normalization = args.teacher_normalization or NORMALIZATION[args.teacher_arch]
+    args.student_normalization = args.student_normalization or NORMALIZATION[args.student_arch]
+    if args.student_pretrain_model_imgnet is None:
+        args.student_pretrain_model_imgnet = default_imagenet_init(args.student_arch)
+    return model_pair_problems(args)
+
+
+def model_pair_problems(args: argparse.Namespace) -> list[str]:
+    """What is wrong with the teacher/student pair of ``args`` (empty: nothing). Checks that the two
+    take the same input normalisation (unless ``--allow-normalization-mismatch``) and that the
+    discriminator (``adv``) gets teacher and student maps of the same size (the distillation terms resize
+    the student map to the teacher's; the critic compares two samples of one distribution, so it does not)."""
+    if not needs_teacher(args):
+        return []
+    problems = []
+    t_norm, s_norm = args.teacher_normalization, args.student_normalization
+    if t_norm != s_norm and not args.allow_normalization_mismatch:
+        problems.append(
+            f"the teacher {canonical_arch(args.teacher_arch)} expects {t_norm} input but the student "
+            f"{canonical_arch(args.student_arch)} expects {s_norm}: the data pipeline can give only one; pick a pair "
+            "trained with the same normalisation, or pass --allow-normalization-mismatch to feed the teacher the "
+            f"student's {s_norm} input knowingly")
+    if "adv" in distill_spec(args) and maps_differ(args.teacher_arch, args.student_arch, args.input_size):
+        t_hw = output_size(args.teacher_arch, args.input_size)
+        s_hw = output_size(args.student_arch, args.input_size)
+        problems.append(
+            f"the adversarial term (--adv) scores teacher and student logits of one size, but at --input-size {args.input_size[0]},{args.input_size[1]} "
+            f"the teacher {canonical_arch(args.teacher_arch)} gives {t_hw[0]}x{t_hw[1]} maps and the student "
+            f"{canonical_arch(args.student_arch)} {s_hw[0]}x{s_hw[1]}; drop --adv (the other terms resize) or use a same-family pair")
+    return problems
+
+
+def sync_batch_norm(student: nn.Module, device: torch.device, log) -> nn.Module:
+    """Under DDP, the CIRKD-family students' ``nn.BatchNorm2d`` layers become ``nn.SyncBatchNorm``
+    (as CIRKD trains them) on CUDA; SyncBatchNorm has no CPU kernel, so on CPU they stay per process."""
+    if not any(isinstance(m, nn.BatchNorm2d) for m in student.modules()):
+        return student
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(student)
+    log("note: BatchNorm2d statistics stay per process on CPU (SyncBatchNorm needs CUDA)")
+    return student
 
 
 def build_optimizers(args: argparse.Namespace, models: Models) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer | None]:

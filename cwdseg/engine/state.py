@@ -23,7 +23,7 @@ RECIPE_KEYS = (
     "data_list", "input_size", "random_mirror", "random_scale", "num_classes", "ignore_label", "batch_size",
     "grad_accum", "num_steps", "lr_g", "lr_d", "momentum", "weight_decay", "power", "seed", "cwd", "cwd_feat",
     "norm_type", "divergence", "temperature", "lambda_cwd", "cwd_ignore_mask", "kd", "lambda_kd", "adv", "lambda_adv", "lambda_d",
-    "lambda_gp", "teacher_arch", "amp", "distill_terms",
+    "lambda_gp", "teacher_arch", "student_arch", "amp", "distill_terms",
 )
 
 

@@ -18,13 +18,14 @@ from tqdm import tqdm
 from cwdseg.checkpoint import infer_arch, load_state_dict_file, load_student, load_teacher
 from cwdseg.data import build_loader
 from cwdseg.data.registry import build_dataset
+from cwdseg.data.transforms import NORMALIZATIONS, Normalization
 from cwdseg.data.labels import CLASS_NAMES, NUM_CLASSES
 from cwdseg.engine.precision import amp_dtype
 from cwdseg.evaluation.inference import parse_overlap, predict_logits, tile_stride
 from cwdseg.evaluation.metrics import ConfusionMatrix, iou_from_confusion
 from cwdseg.evaluation.writers import COLOR_DIR, LABEL_ID_DIR, SUBMISSION_ZIP, TRAIN_ID_DIR, write_predictions, \
     write_submission_zip
-from cwdseg.models import build_model
+from cwdseg.models import NORMALIZATION, arch_spec, build_model, canonical_arch
 
 SPLITS = ("val", "test")
 
@@ -43,30 +44,49 @@ def sha256_file(path: str | Path) -> str:
 
 
 def load_model(path: str | Path, arch: str | None = None, num_classes: int = NUM_CLASSES) -> tuple[nn.Module, str]:
-    """Build the PSPNet a checkpoint file holds and load it (strict); returns ``(model, arch)``.
+    """Build the network a checkpoint file holds and load it (strict); returns ``(model, arch)``
+    with ``arch`` the registry name (``cwdseg.models.ARCHS``).
 
-    The architecture comes from the file's keys (``cwdseg.checkpoint.infer_arch``); a given ``arch``
-    that disagrees is an error naming both. Students (resnet18) load with ``load_student``, teachers
-    (resnet101) with ``load_teacher``, so every layout those accept works here.
+    The architecture comes from the file's keys (``cwdseg.checkpoint.infer_arch``): the PSPNets of the
+    original code, CIRKD's DeepLabV3-R18/R101/MobileNetV2; a given ``arch`` (an alias works) that
+    disagrees is an error naming both. ResNet-101 networks load with ``load_teacher``, the others with
+    ``load_student``, so every layout those accept works here.
     """
     path = Path(path)
     if not path.is_file():
         raise EvaluationError(f"--restore-from {path}: no such file; download the released checkpoints listed "
                               f"in README.md into ckpt/ or point the flag at your own file")
     found = infer_arch(load_state_dict_file(path))
-    if arch is not None and arch != found:
-        raise EvaluationError(f"{path} holds a {found} network, not {arch}; drop --arch (it is inferred from "
-                              f"the file) or pass --arch {found}")
+    if arch is not None:
+        try:
+            wanted = canonical_arch(arch)
+        except ValueError as exc:
+            raise EvaluationError(str(exc)) from None
+        if wanted != found:
+            raise EvaluationError(f"{path} holds a {found} network, not {wanted}; drop --arch (it is inferred from "
+                                  f"the file) or pass --arch {found}")
     model = build_model(found, num_classes=num_classes)
-    (load_student if found == "resnet18" else load_teacher)(model, path)
+    (load_teacher if found.endswith("resnet101") else load_student)(model, path)
     return model, found
+
+
+def checkpoint_normalization(arch: str, override: str | None = None) -> Normalization:
+    """The input normalisation for a network of ``arch``: ``override`` (a name of
+    ``cwdseg.data.transforms.NORMALIZATIONS``) when given, else the one its weights were trained with
+    (``cwdseg.models.NORMALIZATION``)."""
+    name = override if override is not None else NORMALIZATION[arch]
+    if name not in NORMALIZATIONS:
+        raise EvaluationError(f"unknown normalisation {name!r} for {arch_spec(arch).label}; "
+                              f"valid: {', '.join(NORMALIZATIONS)}")
+    return NORMALIZATIONS[name]
 
 
 def build_eval_dataset(data_dir: str | Path, split: str = "val", data_list: str | None = None,
                        max_images: int | None = None, ignore_label: int = 255, dataset: str = "cityscapes",
-                       short_side: int | None = None) -> Dataset:
+                       short_side: int | None = None, normalization: Normalization | None = None) -> Dataset:
     """The full-resolution (no crop) split of ``dataset`` (a ``cwdseg.data.registry`` name), optionally
-    only its first ``max_images`` images.
+    only its first ``max_images`` images, normalised as ``normalization`` says (default: the dataset's,
+    the original's Caffe BGR).
 
     Returns the dataset (``CityscapesDataset`` for cityscapes) or a ``Subset`` of it, with a ``samples``
     attribute listing the images it yields, in order. ``short_side``: resize each image so that its short
@@ -81,6 +101,8 @@ def build_eval_dataset(data_dir: str | Path, split: str = "val", data_list: str 
         if name == "cityscapes":
             raise EvaluationError("--short-side is for the other datasets; Cityscapes is evaluated at 1024x2048")
         extra["eval_short_side"] = short_side
+    if normalization is not None:
+        extra["normalization"] = normalization
     dataset = build_dataset(name, str(data_dir), split, data_list, crop_size=None, ignore_label=ignore_label, **extra)
     if len(dataset) == 0:
         raise EvaluationError(f"the {split} split of {data_dir} has no images"

@@ -1,39 +1,130 @@
-"""Networks of the CWD re-implementation: PSPNet teacher/student, the feature connector and the
-discriminator of the adversarial term.
+"""Networks: the segmentation models (registry below), the feature connector and the discriminator
+of the adversarial term.
 
-``build_model(arch)`` builds a PSPNet from the plain dict ``MODEL_BUILDERS``.
+``build_model(arch)`` builds a network from the plain dict ``ARCHS`` (``ARCH = head_backbone``):
+
+==========================  ===============================================  ======  =========
+arch                        what                                             family  head feat
+==========================  ===============================================  ======  =========
+``pspnet_resnet18``         the CWD paper's student (original code)          cwd     128
+``pspnet_resnet101``        the CWD paper's teacher (original code)          cwd     512
+``deeplabv3_resnet18``      CIRKD-protocol student                           cirkd   128
+``deeplabv3_resnet101``     CIRKD-protocol teacher (78.07 val released)      cirkd   256
+``deeplabv3_mobilenetv2``   CIRKD-protocol student                           cirkd   128
+``pspnet_mobilenetv2``      CIRKD's PSPNet-MobileNetV2 (``psp_mobile``)      cirkd   128
+==========================  ===============================================  ======  =========
+
+``resnet18`` / ``resnet101`` stay as aliases of the two PSPNets (the names the command lines and
+checkpoints of the original code use). Every network returns ``(logits, aux_logits, head_feature)``
+from ``forward(x, aux=True)``, at output stride 8.
+
+Each architecture records the input normalisation its weights expect, by *name* (the data room
+defines what the name means: ``cwdseg.data.transforms.NORMALIZATIONS``). Both families were trained
+with Caffe-style BGR mean subtraction and no std: the original CWD code, and CIRKD's
+``dataset/cityscapes.py`` (``image - [104.00698793, 116.66876762, 122.67891434]`` on the BGR
+``cv2.imread`` image, in every version from March 2022 to August 2025).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from torch import nn
 
+from cwdseg.models.deeplabv3 import DeepLabV3, deeplabv3_mobilenetv2, deeplabv3_resnet18, deeplabv3_resnet101
 from cwdseg.models.pspnet import PSPNet, pspnet_resnet18, pspnet_resnet101
+from cwdseg.models.pspnet_mobile import PSPNetMobile, pspnet_mobilenetv2
 
-MODEL_BUILDERS: dict[str, Callable[..., PSPNet]] = {
-    "resnet18": pspnet_resnet18,
-    "resnet101": pspnet_resnet101,
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """What the rest of the toolkit needs to know about an architecture, without building it.
+
+    ``feature_channels``: channels of the head feature (third output). ``normalization``: name of
+    the input normalisation of its weights. ``family``: ``"cwd"`` (the original code's layout,
+    InPlace-ABN, max pool in ceil mode) or ``"cirkd"`` (CIRKD's layout, BatchNorm2d, floor mode),
+    which also decides the output size (see :func:`output_size`). ``aux_head``: whether it has an
+    auxiliary head. ``label``: the name papers use.
+    """
+
+    builder: Callable[..., nn.Module]
+    feature_channels: int
+    normalization: str
+    family: str
+    aux_head: bool
+    label: str
+
+
+ARCHS: dict[str, ArchSpec] = {
+    "pspnet_resnet18": ArchSpec(pspnet_resnet18, 128, "caffe_bgr", "cwd", True, "PSPNet-R18"),
+    "pspnet_resnet101": ArchSpec(pspnet_resnet101, 512, "caffe_bgr", "cwd", True, "PSPNet-R101"),
+    "deeplabv3_resnet18": ArchSpec(deeplabv3_resnet18, 128, "caffe_bgr", "cirkd", True, "DeepLabV3-R18"),
+    "deeplabv3_resnet101": ArchSpec(deeplabv3_resnet101, 256, "caffe_bgr", "cirkd", True, "DeepLabV3-R101"),
+    "deeplabv3_mobilenetv2": ArchSpec(deeplabv3_mobilenetv2, 128, "caffe_bgr", "cirkd", False, "DeepLabV3-MBv2"),
+    "pspnet_mobilenetv2": ArchSpec(pspnet_mobilenetv2, 128, "caffe_bgr", "cirkd", False, "PSPNet-MBv2"),
+}
+ARCH_ALIASES: dict[str, str] = {"resnet18": "pspnet_resnet18", "resnet101": "pspnet_resnet101"}
+ARCH_NAMES: tuple[str, ...] = tuple(ARCHS) + tuple(ARCH_ALIASES)  # every name the command lines accept
+PAPER_PAIR = ("pspnet_resnet101", "pspnet_resnet18")  # (teacher, student) of the CWD paper
+
+MODEL_BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    **{name: spec.builder for name, spec in ARCHS.items()},
+    **{alias: ARCHS[name].builder for alias, name in ARCH_ALIASES.items()},
 }
 
+
+def canonical_arch(name: str) -> str:
+    """The registry name of ``name`` (``"resnet18"`` -> ``"pspnet_resnet18"``); ValueError if unknown."""
+    name = ARCH_ALIASES.get(name, name)
+    if name not in ARCHS:
+        raise ValueError(f"unknown arch {name!r}; valid archs: {', '.join(ARCH_NAMES)}")
+    return name
+
+
+def arch_spec(name: str) -> ArchSpec:
+    """The :class:`ArchSpec` of ``name`` (an alias works too)."""
+    return ARCHS[canonical_arch(name)]
+
+
 # Channels of the head feature (third output of forward: the map before the classifier), what the
-# feature-map distillation terms compare. Every architecture returns (logits, aux_logits, head_feature).
-PSP_FEATURE_CHANNELS: dict[str, int] = {"resnet18": 128, "resnet101": 512}
-FEATURE_CHANNELS = PSP_FEATURE_CHANNELS
+# feature-map distillation terms compare; by every accepted name.
+FEATURE_CHANNELS: dict[str, int] = {name: arch_spec(name).feature_channels for name in ARCH_NAMES}
+PSP_FEATURE_CHANNELS: dict[str, int] = {"resnet18": 128, "resnet101": 512}  # the two PSPNets, by alias
+# The input normalisation (a name of cwdseg.data.transforms.NORMALIZATIONS) the weights expect.
+NORMALIZATION: dict[str, str] = {name: arch_spec(name).normalization for name in ARCH_NAMES}
+
+
+def _stride8(size: int, ceil_pool: bool) -> int:
+    size = (size - 1) // 2 + 1                      # 3x3 conv, stride 2, padding 1
+    if ceil_pool:                                   # MaxPool2d(3, 2, 1, ceil_mode=True)
+        pooled = -(-(size - 1) // 2) + 1
+        if (pooled - 1) * 2 >= size + 1:            # the last window must start inside input + left pad
+            pooled -= 1
+        size = pooled
+    else:                                           # MaxPool2d(3, 2, 1)
+        size = (size - 1) // 2 + 1
+    return (size - 1) // 2 + 1                      # the stride-2 3x3 of layer2 (or block 4 of MobileNetV2)
+
+
+def output_size(arch: str, input_size: tuple[int, int]) -> tuple[int, int]:
+    """Height and width of the three outputs of ``arch`` for an (H, W) input: stride 8, with the
+    original code's ceil-mode max pool (512 -> 65) or CIRKD's floor mode (512 -> 64)."""
+    ceil_pool = arch_spec(arch).family == "cwd"
+    return _stride8(int(input_size[0]), ceil_pool), _stride8(int(input_size[1]), ceil_pool)
 
 
 def build_model(arch: str, num_classes: int = 19) -> nn.Module:
-    """Build the PSPNet named ``arch`` ("resnet18" student or "resnet101" teacher) with random weights."""
+    """Build the network named ``arch`` (a registry name or alias) with random weights."""
     try:
         builder = MODEL_BUILDERS[arch]
     except KeyError:
-        raise ValueError(f"unknown arch {arch!r}; valid archs: {sorted(MODEL_BUILDERS)}") from None
+        raise ValueError(f"unknown arch {arch!r}; valid archs: {', '.join(ARCH_NAMES)}") from None
     return builder(num_classes=num_classes)
 
 
 def __getattr__(name: str) -> Any:
     # Discriminator / FeatureConnector live in their own modules (owned by the losses code); import
-    # them on first use so that a plain `from cwdseg.models import build_model` needs only pspnet.py.
+    # them on first use so that a plain `from cwdseg.models import build_model` needs only the networks.
     if name == "Discriminator":
         from cwdseg.models.discriminator import Discriminator
         return Discriminator
@@ -44,6 +135,9 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "MODEL_BUILDERS", "PSP_FEATURE_CHANNELS", "FEATURE_CHANNELS", "PSPNet", "build_model", "pspnet_resnet18", "pspnet_resnet101",
-    "Discriminator", "FeatureConnector",
+    "ARCHS", "ARCH_ALIASES", "ARCH_NAMES", "ArchSpec", "DeepLabV3", "FEATURE_CHANNELS", "MODEL_BUILDERS",
+    "NORMALIZATION", "PAPER_PAIR", "PSP_FEATURE_CHANNELS", "PSPNet", "PSPNetMobile", "arch_spec", "build_model", "canonical_arch",
+    "deeplabv3_mobilenetv2", "deeplabv3_resnet18", "deeplabv3_resnet101", "output_size", "pspnet_mobilenetv2",
+    "pspnet_resnet18",
+    "pspnet_resnet101", "Discriminator", "FeatureConnector",
 ]

@@ -1,7 +1,8 @@
 """The feature connector of CWD on the PSP feature (``--cwd-feat True``).
 
 The student's PSP feature has 128 channels (R18), the teacher's 512 (R101): a 1x1 conv maps the
-student to the teacher's width before the channel-wise distillation. Layout of the original
+student to the teacher's width before the channel-wise distillation. For other pairs the widths come
+from ``cwdseg.models.FEATURE_CHANNELS`` (e.g. 128 -> 256 for DeepLabV3-R18 <- DeepLabV3-R101). Layout of the original
 ``NetModel.linear``: ``Sequential(Conv2d(128, 512, 1, bias=False), InPlaceABNSync(512), ReLU)``,
 so the state_dict keys are ``0.weight``, ``1.weight``, ``1.bias``, ``1.running_mean``,
 ``1.running_var``. (The original never saved it, nor decayed its learning rate.)

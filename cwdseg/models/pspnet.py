@@ -32,67 +32,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from cwdseg.models.abn import ABN
+from cwdseg.models.resnet import BasicBlock, Bottleneck, backbone_norm, conv3x3
 
 PSP_BINS = (1, 2, 3, 6)
 
-
-def conv3x3(in_planes: int, out_planes: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:
-    """3x3 convolution without bias; padding = dilation keeps the size at stride 1."""
-    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=dilation,
-                     dilation=dilation, bias=False)
-
-
-def backbone_norm(channels: int) -> ABN:
-    """The backbone's BN: the original ``BatchNorm2d = partial(InPlaceABNSync, activation='none')``."""
-    return ABN(channels, activation="none")
-
-
-class BasicBlock(nn.Module):
-    """ResNet-18/34 block: two 3x3 convs, both dilated; the stride is on the first."""
-
-    expansion = 1
-
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, dilation: int = 1,
-                 downsample: nn.Module | None = None) -> None:
-        super().__init__()
-        self.conv1 = conv3x3(inplanes, planes, stride, dilation)
-        self.bn1 = backbone_norm(planes)
-        self.conv2 = conv3x3(planes, planes, 1, dilation)
-        self.bn2 = backbone_norm(planes)
-        # inplace is safe: the ReLUs act on fresh BN outputs / sums, whose values backward does not need.
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = downsample
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        residual = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + residual)
-
-
-class Bottleneck(nn.Module):
-    """ResNet-50/101 block: 1x1 -> 3x3 (stride and dilation here) -> 1x1 with 4x expansion."""
-
-    expansion = 4
-
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, dilation: int = 1,
-                 downsample: nn.Module | None = None) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, kernel_size=1, bias=False)
-        self.bn1 = backbone_norm(planes)
-        self.conv2 = conv3x3(planes, planes, stride, dilation)
-        self.bn2 = backbone_norm(planes)
-        self.conv3 = nn.Conv2d(planes, planes * self.expansion, kernel_size=1, bias=False)
-        self.bn3 = backbone_norm(planes * self.expansion)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = downsample
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        residual = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self.relu(out + residual)
+__all__ = ["PSP_BINS", "BasicBlock", "Bottleneck", "PSPModule", "PSPNet", "backbone_norm", "conv3x3",
+           "pspnet_resnet18", "pspnet_resnet101"]
 
 
 class PSPModule(nn.Module):

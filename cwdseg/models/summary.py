@@ -7,6 +7,14 @@ interpolation not counted. A conv contributes ``output elements x in_channels/gr
 Measured with this code: PSPNet-R18 125.83 G at 512x1024 (63.34 G at 512x512; 123.34 G without the
 dsn head, which does not match), PSPNet-R101 574.93 G (289.65 G at 512x512; 535.29 G without dsn).
 
+The CIRKD family publishes "FLOPs" counted by its ``utils/flops.py``: the same conv
+multiply-accumulates (aux head included), but with each conv's output size computed as
+``(H + 2 * padding - kernel) // stride + 1``, *ignoring the dilation*, which over-counts every dilated
+conv (an ASPP branch of rate 36 on a 128x256 map is counted as 198x326). ``convention="cirkd"``
+reproduces that count: 2371.7 G (DeepLabV3-R101), 572.0 G (DeepLabV3-R18) and 128.9 G
+(DeepLabV3-MobileNetV2) at 1024x2048, the figures CIRKD and its successors print; the true MACs of
+these networks are 2063.3 G, 517.5 G and 106.5 G.
+
 The count runs the forward on the ``meta`` device (shapes only, no arithmetic), so it costs about
 a second even for the R101 at full resolution.
 """
@@ -39,10 +47,17 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def conv_macs_by_module(model: nn.Module, input_size: tuple[int, int]) -> dict[str, int]:
+MAC_CONVENTIONS = ("true", "cirkd")
+AUX_HEAD_PREFIXES = ("dsn.", "auxlayer.")  # auxiliary heads: PSPNet's dsn, DeepLabV3's auxlayer
+
+
+def conv_macs_by_module(model: nn.Module, input_size: tuple[int, int], convention: str = "true") -> dict[str, int]:
     """MACs of each ``nn.Conv2d`` / ``nn.Linear`` (by qualified name) for one forward of one
     3-channel image of ``input_size`` = (H, W). The model is run in eval mode on meta tensors, its
-    weights and mode are left untouched."""
+    weights and mode are left untouched. ``convention="cirkd"`` counts each conv at the output
+    size CIRKD's ``utils/flops.py`` computes, which ignores dilation (see the module docstring)."""
+    if convention not in MAC_CONVENTIONS:
+        raise ValueError(f"convention must be one of {MAC_CONVENTIONS}, got {convention!r}")
     model = unwrap_model(model)
     h, w = int(input_size[0]), int(input_size[1])
     if h <= 0 or w <= 0:
@@ -54,9 +69,16 @@ def conv_macs_by_module(model: nn.Module, input_size: tuple[int, int]) -> dict[s
             if isinstance(module, nn.Conv2d):
                 kh, kw = module.kernel_size
                 per_output = (module.in_channels // module.groups) * kh * kw
+                n_out = output.numel()
+                if convention == "cirkd":
+                    x = inputs[0]
+                    oh = (x.shape[2] + 2 * module.padding[0] - kh) // module.stride[0] + 1
+                    ow = (x.shape[3] + 2 * module.padding[1] - kw) // module.stride[1] + 1
+                    n_out = output.shape[0] * module.out_channels * oh * ow
             else:  # nn.Linear
                 per_output = module.in_features
-            macs[name] = macs.get(name, 0) + output.numel() * per_output
+                n_out = output.numel()
+            macs[name] = macs.get(name, 0) + n_out * per_output
         return record
 
     handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules()
@@ -93,13 +115,13 @@ def _as_hw(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
 def arch_macs(arch: str, height: int, width: int, aux: bool = True) -> int:
     """MACs of one image through ``build_model(arch)``, cached per (arch, size); the model is
     built on the meta device, so no memory or initialisation time is spent. ``aux=False`` leaves
-    out the auxiliary (dsn) head, as ``model(x, aux=False)`` does."""
+    out the auxiliary head (dsn / auxlayer), as ``model(x, aux=False)`` does."""
     from cwdseg.models import build_model
 
     with torch.device("meta"):
         model = build_model(arch)
     macs = conv_macs_by_module(model, (height, width))
-    return sum(v for name, v in macs.items() if aux or not name.startswith("dsn."))
+    return sum(v for name, v in macs.items() if aux or not name.startswith(AUX_HEAD_PREFIXES))
 
 
 def training_step_flops(student_arch: str, teacher_arch: str | None,
