@@ -394,7 +394,9 @@ def test_exp_cwd_reads_dataset_and_data_dir_from_the_environment(roots, tmp_path
                env_extra={"DATASET": "camvid", "DATA_DIR": str(roots["camvid"]), "PYTHON": sys.executable})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "camvid train: 4 images" in proc.stdout
-    assert json.loads((tmp_path / "False_False_False_channel_kl_3_4_v1" / "config.json").read_text())["num_classes"] == 11
+    # TINY's R18 teacher is not the paper's pair, so the run name carries both architectures
+    run_dir = tmp_path / "False_False_False_channel_kl_3_4_v1_T-pspnet_resnet18_S-pspnet_resnet18"
+    assert json.loads((run_dir / "config.json").read_text())["num_classes"] == 11
 
 
 def test_num_classes_must_agree_with_the_dataset(roots, capsys):

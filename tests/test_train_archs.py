@@ -65,7 +65,7 @@ def test_exp_cwd_trains_any_pair(pair, mode, data_dir, tmp_path):
     assert proc.stdout.count("give maps of different sizes") == (1 if resized else 0)
     last = load(run_dir / "last.pth")
     if mode == "feature":  # 1x1 connector from the student's head feature to the teacher's
-        assert last["connector"]["0.weight"].shape == (t_ch, s_ch, 1, 1)
+        assert last["connector"]["cwd.0.weight"].shape == (t_ch, s_ch, 1, 1)
     else:
         assert last["connector"] is None
     student_file = load(run_dir / "city_1_G.pth")

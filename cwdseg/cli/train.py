@@ -266,6 +266,9 @@ def resolve_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.distill_terms = resolve_spec(args)  # {name: {"weight": w, options}}: --preset, --distill, --cwd/--kd/--adv
     except DistillSpecError as exc:
         parser.error(str(exc))
+    if args.num_classes is None and args.dataset != "folder":
+        # Known without reading any file; a folder dataset's count comes from its classes.json in main.
+        args.num_classes = dataset_info(args.dataset).num_classes
     if args.save_name is None:
         args.save_name = (args.exp_name or default_run_name(args)) + arch_tag(args)
     errors = resolve_model_args(args)

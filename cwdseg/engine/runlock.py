@@ -28,6 +28,24 @@ from cwdseg.engine.distributed import DistInfo
 
 LOCK_NAME = "run.lock"
 
+# Lock descriptors this process holds. A forked child (a DataLoader worker) inherits them, and a flock
+# lives as long as any descriptor of it is open: a worker outliving a SIGKILLed parent by the seconds its
+# watchdog takes would keep the folder locked. Children close their copies at once (the parent's lock
+# is untouched); O_CLOEXEC does the same for programs started with exec.
+_HELD_FDS: set[int] = set()
+
+
+def _close_inherited_locks() -> None:
+    for fd in list(_HELD_FDS):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_FDS.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)
+
 
 class RunLockError(RuntimeError):
     """The run folder is used by another live run."""
@@ -45,6 +63,7 @@ class RunLock:
         try:
             self.path.unlink(missing_ok=True)  # unlink first: a waiting run then finds a fresh file
         finally:
+            _HELD_FDS.discard(self.fd)
             os.close(self.fd)
             self.fd = None
 
@@ -68,7 +87,7 @@ def acquire(run_dir: Path, log=print) -> RunLock:
     """Take ``run_dir/run.lock`` or raise :class:`RunLockError` naming the run that holds it."""
     path = Path(run_dir) / LOCK_NAME
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -95,6 +114,7 @@ def acquire(run_dir: Path, log=print) -> RunLock:
     os.lseek(fd, 0, os.SEEK_SET)
     os.write(fd, (json.dumps(me) + "\n").encode())
     os.fsync(fd)
+    _HELD_FDS.add(fd)
     return RunLock(path, fd)
 
 
