@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,7 @@ from cwdseg.evaluation.loop import SPLITS, EvaluationError, _as_amp_dtype, build
 from cwdseg.models import ARCH_NAMES
 from cwdseg.evaluation.metrics import format_table
 from cwdseg.evaluation.official import run_official_check
-from cwdseg.evaluation.writers import COLOR_DIR, LABEL_ID_DIR, PANEL_DIR, SUBMISSION_ZIP, TRAIN_ID_DIR
+from cwdseg.evaluation.outputs import prepare_save_dir
 from cwdseg.viz.bars import plot_results_iou
 
 __all__ = ["EvaluationError", "_as_amp_dtype", "build_eval_dataset", "build_eval_loader", "evaluate_model",
@@ -128,44 +127,6 @@ def _read_compare(parser: argparse.ArgumentParser, args: argparse.Namespace, nam
     if list(other["per_class_iou"]) != names:
         parser.error(f"--compare {args.compare}: it scores other classes than this evaluation ({len(names)} classes)")
     return other
-
-
-# What evaluate.py writes into --save-dir (all that --overwrite removes).
-OUTPUTS = ("results.json", "class_iou.png", COLOR_DIR, TRAIN_ID_DIR, LABEL_ID_DIR, PANEL_DIR, SUBMISSION_ZIP)
-
-
-def prepare_save_dir(save_dir: Path, checkpoint: str, overwrite: bool) -> None:
-    """Refuse a non-empty ``save_dir`` that was not written for ``checkpoint`` (its results.json names
-    another file by sha256, or it has none), so predictions of two checkpoints never sit side by side;
-    ``overwrite`` clears evaluate.py's outputs first (and refuses folders holding anything else)."""
-    if not save_dir.is_dir() or not any(save_dir.iterdir()):
-        return
-    results = save_dir / "results.json"
-    previous = None
-    if results.is_file():
-        try:
-            previous = json.loads(results.read_text()).get("checkpoint", {})
-        except (json.JSONDecodeError, AttributeError):
-            previous = None
-    same = previous is not None and previous.get("sha256") == sha256_file(checkpoint)
-    if same and not overwrite:
-        return  # the same checkpoint again: its files are replaced one for one
-    if not overwrite:
-        owner = f"{previous.get('path')} (sha256 {str(previous.get('sha256'))[:12]})" if previous else \
-            "no results.json: an unfinished evaluation or other files"
-        raise EvaluationError(f"--save-dir {save_dir} already holds outputs of another checkpoint ({owner}); "
-                              f"choose an empty --save-dir, or pass --overwrite to clear it first")
-    foreign = sorted(p.name for p in save_dir.iterdir() if p.name not in OUTPUTS)
-    if foreign:
-        raise EvaluationError(f"--save-dir {save_dir} holds files evaluate.py did not write ({', '.join(foreign[:5])}); "
-                              "--overwrite clears only evaluation outputs: choose another --save-dir")
-    for name in OUTPUTS:
-        path = save_dir / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-    print(f"--overwrite: cleared the previous outputs in {save_dir}")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
