@@ -429,7 +429,11 @@ def test_recipes_set_defaults_and_typed_flags_win(monkeypatch):
     assert (a.num_steps, a.batch_size, a.lr_g) == (40000, 16, 0.01)
     monkeypatch.setenv("DATA_DIR", "/x/voc")
     assert train.resolve_args(["--dataset", "pascal_voc"]).data_dir == "/x/voc"
-    assert train.resolve_args([]).num_classes is None  # resolved from the dataset in main()
+    # A fixed-class dataset's count is known at argument time; a folder dataset's comes from its
+    # classes.json, read in main() (the data may not exist yet, e.g. before --demo generates it).
+    assert train.resolve_args([]).num_classes == 19
+    assert train.resolve_args(["--dataset", "pascal_voc"]).num_classes == 21
+    assert train.resolve_args(["--dataset", "folder"]).num_classes is None
 
 
 def test_short_side_evaluation_resizes_images_and_scores_full_size_labels(roots, tmp_path):
