@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from cwdseg.data.labels import NUM_CLASSES
+from cwdseg.evaluation.inference import parse_overlap
 
 
 def _flag(name: str) -> str:
@@ -109,3 +110,11 @@ def eval_value_errors(args: argparse.Namespace) -> list[str]:
         if error:
             errors.append(error)
     return errors
+
+
+def overlap_arg(value: str) -> float:
+    """argparse type of ``--overlap`` (a fraction like ``1/3`` or a float), shared by evaluate.py and predict.py."""
+    try:
+        return parse_overlap(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None

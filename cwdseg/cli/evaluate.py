@@ -27,13 +27,12 @@ from typing import Any
 import torch
 
 from cwdseg.checkpoint import CheckpointError, atomic_write_text
-from cwdseg.cli.checks import eval_value_errors
+from cwdseg.cli.checks import eval_value_errors, overlap_arg
 from cwdseg.data import DatasetError
 from cwdseg.data.registry import DATASETS, dataset_info
 from cwdseg.data.cityscapes import default_num_workers
 from cwdseg.engine.distributed import DeviceError, resolve_device
 from cwdseg.engine.precision import AMP_CHOICES
-from cwdseg.evaluation.inference import parse_overlap
 from cwdseg.data.transforms import NORMALIZATIONS
 from cwdseg.evaluation.loop import SPLITS, EvaluationError, _as_amp_dtype, build_eval_dataset, build_eval_loader, \
     checkpoint_normalization, evaluate_model, load_model, sha256_file
@@ -45,13 +44,6 @@ from cwdseg.viz.bars import plot_results_iou
 
 __all__ = ["EvaluationError", "_as_amp_dtype", "build_eval_dataset", "build_eval_loader", "evaluate_model",
            "get_args_parser", "load_model", "main", "cli"]
-
-
-def _overlap_arg(value: str) -> float:
-    try:
-        return parse_overlap(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -78,7 +70,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--mode", choices=("whole", "sliding"), default="whole",
                    help="whole image in one forward, or overlapping tiles")
     g.add_argument("--tile", type=int, nargs=2, default=(512, 512), metavar=("H", "W"), help="sliding tile size")
-    g.add_argument("--overlap", type=_overlap_arg, default=1 / 3,
+    g.add_argument("--overlap", type=overlap_arg, default=1 / 3,
                    help="sliding tile overlap, a fraction like 1/3 or a float; stride = ceil(tile*(1-overlap))")
     g.add_argument("--tile-batch", type=int, default=6, help="tiles per forward in sliding mode")
     g.add_argument("--scales", type=float, nargs="+", default=[1.0], help="image scales whose logits are averaged")

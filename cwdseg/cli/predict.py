@@ -42,7 +42,8 @@ from cwdseg.data.labels import CLASS_NAMES, NUM_CLASSES, TRAIN_ID_COLORS
 from cwdseg.data.registry import DATASETS, dataset_info
 from cwdseg.engine.distributed import DeviceError, resolve_device
 from cwdseg.engine.precision import AMP_CHOICES
-from cwdseg.evaluation.inference import parse_overlap, predict_logits
+from cwdseg.cli.checks import overlap_arg
+from cwdseg.evaluation.inference import predict_logits
 from cwdseg.evaluation.loop import EvaluationError, _as_amp_dtype, load_model
 from cwdseg.evaluation.media import DECODERS, MediaError, MediaItem, VideoSink, discover, prefetch, read_image, \
     read_video, video_info
@@ -55,13 +56,6 @@ OVERLAY_DIR, IDS_DIR = "overlay", "ids"
 
 class PredictError(RuntimeError):
     """A bad predict.py argument or output folder, said with what to do."""
-
-
-def _overlap_arg(value: str) -> float:
-    try:
-        return parse_overlap(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -84,7 +78,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g = p.add_argument_group("protocol (as evaluate.py)")
     g.add_argument("--mode", choices=("whole", "sliding"), default="whole", help="whole image or overlapping tiles")
     g.add_argument("--tile", type=int, nargs=2, default=(512, 512), metavar=("H", "W"), help="sliding tile size")
-    g.add_argument("--overlap", type=_overlap_arg, default=1 / 3, help="sliding tile overlap (1/3 or a float)")
+    g.add_argument("--overlap", type=overlap_arg, default=1 / 3, help="sliding tile overlap (1/3 or a float)")
     g.add_argument("--tile-batch", type=int, default=6, help="tiles per forward in sliding mode")
     g.add_argument("--scales", type=float, nargs="+", default=[1.0], help="scales whose logits are averaged")
     g.add_argument("--flip", action="store_true", help="also average the mirrored image's logits")

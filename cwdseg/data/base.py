@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 
 from cwdseg.data.cityscapes import DatasetError, Sample, _decode, _read_bytes, read_image
 from cwdseg.data.info import IGNORE_INDEX, DatasetInfo
+from cwdseg.data.sampling import sample_key
 from cwdseg.data.transforms import CAFFE_BGR, Normalization, preprocess
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -186,15 +187,8 @@ class SegmentationDataset(Dataset):
         return image, label, None if label is None else self._lut
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, str]:
-        index, seed = key if isinstance(key, tuple) else (key, None)
-        index = int(index)
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} samples")
-        index %= len(self)
         needs_rng = self.random_scale or self.random_mirror or self.crop_size is not None
-        if seed is None and needs_rng:
-            seed = int(torch.randint(0, 2**62, ()).item())
-        rng = np.random.default_rng(seed) if needs_rng else None
+        index, rng = sample_key(key, len(self), needs_rng)
         image, label, lut = self.load_raw(index)
         if self.eval_short_side is not None:
             return (*self._resized_for_eval(image, label, lut), self.samples[index].name)

@@ -30,6 +30,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cwdseg.data.labels import IGNORE_LABEL, LABEL_ID_TO_TRAIN_ID, MAX_LABEL_ID, NUM_CLASSES
+from cwdseg.data.sampling import sample_key
 from cwdseg.data.transforms import CAFFE_BGR, IMG_MEAN_BGR, Normalization, preprocess
 
 __all__ = [
@@ -495,18 +496,8 @@ class CityscapesDataset(Dataset):
         return image, label, lut
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, str]:
-        if isinstance(key, tuple):
-            index, seed = key
-        else:
-            index, seed = key, None
-        index = int(index)
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} samples")
-        index %= len(self)
         needs_rng = self.random_scale or self.random_mirror or self.crop_size is not None
-        if seed is None and needs_rng:
-            seed = int(torch.randint(0, 2**62, ()).item())
-        rng = np.random.default_rng(seed) if needs_rng else None
+        index, rng = sample_key(key, len(self), needs_rng)
         image, label, lut = self.load_raw(index)
         image, label = preprocess(image, label, rng, self.crop_size, self.random_scale, self.random_mirror,
                                   lut, self.ignore_label, self._mean_lut, self.normalization.rgb)

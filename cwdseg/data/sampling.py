@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Iterator
 
 import numpy as np
+import torch
 from torch.utils.data import DistributedSampler, Sampler
 
 
@@ -66,3 +67,16 @@ class TrainSampleStream(Sampler):
                 yield indices[pos], augmentation_seed(self.seed, epoch, self.rank, pos)
             offset = 0
             epoch += 1
+
+
+def sample_key(key: int | tuple[int, int], length: int, needs_rng: bool) -> tuple[int, np.random.Generator | None]:
+    """A dataset key -> ``(index, rng)``: ``key`` is an index or ``(index, seed)`` (the seed a
+    :class:`TrainSampleStream` draws, so a sample is the same in any process). Without a seed, one is drawn
+    from torch's global generator, which DataLoader seeds per worker. ``rng`` is None when nothing is random."""
+    index, seed = key if isinstance(key, tuple) else (key, None)
+    index = int(index)
+    if not -length <= index < length:
+        raise IndexError(f"index {index} out of range for {length} samples")
+    if seed is None and needs_rng:
+        seed = int(torch.randint(0, 2**62, ()).item())
+    return index % length, (np.random.default_rng(seed) if needs_rng else None)
