@@ -355,6 +355,16 @@ def test_exp_cwd_refuses_a_missing_version_and_zero_temperature(positional, mess
     assert list(tmp_path.iterdir()) == [], "nothing was started"
 
 
+def test_batch_that_does_not_split_is_one_line(tmp_path, capsys):
+    from cwdseg.cli import train
+
+    rc = train.cli(["--save-dir", str(tmp_path), "--device", "cpu", "--batch-size", "3", "--grad-accum", "2",
+                    "--teacher-ckpt", "random", "--student-init", "random", "--cwd", "True"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("train.py: error: --batch-size 3 does not split into 1 processes x --grad-accum 2")
+
+
 # The one-case tests above, by name; with the three tables, the count in README.md's Troubleshooting.
 SINGLE_CASES = [
     test_train_refuses_a_read_only_save_dir, test_evaluate_refuses_a_read_only_save_dir,
@@ -362,7 +372,7 @@ SINGLE_CASES = [
     test_bad_png_inside_a_loader_worker_is_one_line, test_second_run_into_a_busy_folder,
     test_stale_lock_is_taken_over_and_a_complete_run_is_a_no_op, test_resume_refuses_a_changed_teacher_file_by_content,
     test_full_disk_names_the_file_and_the_bytes, test_failed_write_keeps_the_previous_checkpoint,
-    test_checkpoint_of_another_class_count_names_both,
+    test_checkpoint_of_another_class_count_names_both, test_batch_that_does_not_split_is_one_line,
 ]
 BAD_INPUT_CASES = len(BAD_TRAIN_VALUES) + len(BAD_EVAL_VALUES) + len(BAD_EXP_CWD) + len(SINGLE_CASES)
 

@@ -35,7 +35,7 @@ from cwdseg.engine.runlog import RunLog, StepWindow, peak_tflops
 from cwdseg.engine import runlock
 from cwdseg.engine.signals import STOP_SIGNAL_CHOICES, StopRequest, resume_hint
 from cwdseg.engine.state import save_last
-from cwdseg.engine.run import Validation, build_train_loader, finish_run, log_model_pair, next_micro_batches, \
+from cwdseg.engine.run import RunSetupError, Validation, build_train_loader, finish_run, log_model_pair, next_micro_batches, \
     per_rank_batch, prepare_demo_data, resume_step, seed_everything, write_config
 from cwdseg.engine.step import poly_lr, set_lr, train_step
 from cwdseg.cli.checks import train_value_errors
@@ -371,7 +371,8 @@ def cli(argv: list[str] | None = None) -> int:
     the problems a user fixes (a missing or wrong file, a bad dataset folder, a device flag)."""
     try:
         return main(argv)
-    except (ckpt.CheckpointError, DatasetError, DeviceError, EvaluationError, runlock.RunLockError) as exc:
+    except (ckpt.CheckpointError, DatasetError, DeviceError, EvaluationError, runlock.RunLockError,
+            RunSetupError) as exc:
         print(f"train.py: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

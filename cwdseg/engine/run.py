@@ -23,6 +23,10 @@ from cwdseg.engine.state import jsonable, load_last, write_config as record_conf
 from cwdseg.evaluation.loop import build_eval_dataset, build_eval_loader, evaluate_model
 from cwdseg.models import canonical_arch
 
+class RunSetupError(RuntimeError):
+    """A run that cannot be set up as asked (the batch split, a missing --resume file), with the fix."""
+
+
 # The synthetic Cityscapes copy --demo generates when its root is missing.
 DEMO_DATASET = dict(n_train=24, n_val=6, n_test=4, size=(256, 512), seed=0)
 
@@ -39,7 +43,7 @@ def seed_everything(seed: int, deterministic: bool, device: torch.device) -> Non
 def per_rank_batch(args: argparse.Namespace, info: DistInfo) -> int:
     per_rank, rem = divmod(args.batch_size, info.world_size * args.grad_accum)
     if rem or per_rank == 0:
-        raise SystemExit(f"error: --batch-size {args.batch_size} does not split into {info.world_size} processes x "
+        raise RunSetupError(f"--batch-size {args.batch_size} does not split into {info.world_size} processes x "
                          f"--grad-accum {args.grad_accum}; choose a batch size divisible by their product")
     return per_rank
 
@@ -69,7 +73,7 @@ def resume_step(args: argparse.Namespace, run_dir: Path, models: Models, opt_g, 
     last_path = run_dir / "last.pth"
     resume_from = Path(args.resume) if args.resume else (last_path if last_path.exists() else None)
     if args.resume and not resume_from.exists():
-        raise SystemExit(f"error: --resume {args.resume}: no such file")
+        raise RunSetupError(f"--resume {args.resume}: no such file")
     if resume_from is None:
         return 0
     step = load_last(resume_from, models, opt_g, opt_d, engine, args)
