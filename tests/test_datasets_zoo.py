@@ -478,3 +478,11 @@ def test_folder_splits_as_subfolders(copy_of):
     ds = build_dataset("folder", root, "val", crop_size=None, verbose=False)
     assert [s.name for s in ds.samples] == ["val_0000", "val_0001"]
     assert set(np.unique(ds[0][1].numpy())) <= {0, 1, 2, 3, 4, 255}
+
+
+@pytest.mark.parametrize("name", ["pascal_voc", "ade20k", "camvid", "folder"])
+def test_ram_cache_is_refused_with_the_disk_cache_named(roots, name):
+    from cwdseg.data.registry import build_dataset
+
+    with pytest.raises(DatasetError, match=r"--cache-images .* only available for cityscapes.*--image-cache DIR"):
+        build_dataset(name, roots[name], "train", cache_images=True, verbose=False)

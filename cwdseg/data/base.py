@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from cwdseg.data.cityscapes import DatasetError, Sample, _decode, _read_bytes, read_image
+from cwdseg.data.cityscapes import DatasetError, Sample, _decode, _read_bytes, read_image, read_list_file
 from cwdseg.data.info import IGNORE_INDEX, DatasetInfo
 from cwdseg.data.sampling import sample_key
 from cwdseg.data.transforms import CAFFE_BGR, Normalization, preprocess
@@ -210,3 +210,24 @@ class SegmentationDataset(Dataset):
         else:
             full = cv2.LUT(label, lut)
         return torch.from_numpy(out), torch.from_numpy(full)
+
+
+def refuse_ram_cache(cache_images: bool, name: str) -> None:
+    """The RAM cache (``--cache-images``) is Cityscapes-only; the disk cache serves every layout."""
+    if cache_images:
+        raise DatasetError(f"--cache-images (decoded images in RAM) is only available for cityscapes so far; drop it "
+                           f"for {name}, or use --image-cache DIR (decoded images memory-mapped from disk)")
+
+
+def build_split(info: DatasetInfo, root_path: Path, split: str, list_path, scan, *, cache_images: bool = False,
+                verbose: bool = True, **kwargs) -> SegmentationDataset:
+    """The shared part of each layout's ``build``: the split from ``scan(root_path, split)`` (its official
+    layout) or from an image<TAB>label list, as a :class:`SegmentationDataset` (kwargs pass through)."""
+    refuse_ram_cache(cache_images, info.name)
+    if list_path is None:
+        samples = scan(root_path, split)
+        source = f"scanned {root_path}{count_note(info, root_path, split, len(samples))}"
+    else:
+        samples = read_list_file(list_path, root_path)
+        source = f"list {list_path}"
+    return SegmentationDataset(info, samples, root_path, split, source=source, verbose=verbose, **kwargs)

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cwdseg.data.base import SegmentationDataset, check_dir, count_note, pair_files
-from cwdseg.data.cityscapes import DatasetError, _check_root, read_list_file
+from cwdseg.data.base import SegmentationDataset, build_split, check_dir, pair_files
+from cwdseg.data.cityscapes import DatasetError, _check_root
 from cwdseg.data.info import DatasetInfo, offset_table
 
 CLASS_NAMES = ("sky", "building", "pole", "road", "pavement", "tree", "sign symbol", "fence", "car",
@@ -57,13 +57,5 @@ def scan_split(root: str | os.PathLike, split: str) -> list:
 def build(root, split: str = "train", list_path=None, *, cache_images: bool = False, verbose: bool = True,
           **kwargs) -> SegmentationDataset:
     """The CamVid split as a :class:`SegmentationDataset` (``list_path``: a CIRKD-style image/label list)."""
-    if cache_images:
-        raise DatasetError("--cache-images is only available for cityscapes so far; drop it for camvid.")
-    root_path = _check_root(root)
-    if list_path is None:
-        samples = scan_split(root_path, split)
-        source = f"scanned {root_path}{count_note(INFO, root_path, split, len(samples))}"
-    else:
-        samples = read_list_file(list_path, root_path)
-        source = f"list {list_path}"
-    return SegmentationDataset(INFO, samples, root_path, split, source=source, verbose=verbose, **kwargs)
+    return build_split(INFO, _check_root(root), split, list_path, scan_split, cache_images=cache_images,
+                       verbose=verbose, **kwargs)

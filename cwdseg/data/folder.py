@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cwdseg.data.base import SegmentationDataset, count_note, missing_message, pair_files
-from cwdseg.data.cityscapes import DatasetError, _check_root, read_list_file
+from cwdseg.data.base import SegmentationDataset, build_split, missing_message, pair_files, refuse_ram_cache
+from cwdseg.data.cityscapes import DatasetError, _check_root
 from cwdseg.data.info import IGNORE_INDEX, DatasetInfo
 
 CLASSES_FILE = "classes.json"
@@ -137,14 +137,6 @@ def scan_split(root: str | os.PathLike, split: str) -> list:
 def build(root, split: str = "train", list_path=None, *, cache_images: bool = False, verbose: bool = True,
           **kwargs) -> SegmentationDataset:
     """The folder dataset's split as a :class:`SegmentationDataset` (classes from ``classes.json``)."""
-    if cache_images:
-        raise DatasetError("--cache-images is only available for cityscapes so far; drop it for folder datasets.")
+    refuse_ram_cache(cache_images, "folder datasets")
     root_path = _check_root(root)
-    info = load_classes(root_path)
-    if list_path is None:
-        samples = scan_split(root_path, split)
-        source = f"scanned {root_path}{count_note(info, root_path, split, len(samples))}"
-    else:
-        samples = read_list_file(list_path, root_path)
-        source = f"list {list_path}"
-    return SegmentationDataset(info, samples, root_path, split, source=f"{source}", verbose=verbose, **kwargs)
+    return build_split(load_classes(root_path), root_path, split, list_path, scan_split, verbose=verbose, **kwargs)

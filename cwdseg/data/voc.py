@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from cwdseg.data.base import SegmentationDataset, check_dir, count_note, pair_files
+from cwdseg.data.base import SegmentationDataset, check_dir, count_note, pair_files, refuse_ram_cache
 from cwdseg.data.cityscapes import DatasetError, _check_root, read_list_file
 from cwdseg.data.info import DatasetInfo, offset_table, voc_bit_palette
 
@@ -82,8 +82,7 @@ def scan_split(root: str | os.PathLike, split: str) -> list:
 def build(root, split: str = "train", list_path=None, *, cache_images: bool = False, verbose: bool = True,
           **kwargs) -> SegmentationDataset:
     """The VOC-aug split as a :class:`SegmentationDataset` (``list_path``: an image<TAB>label list instead)."""
-    if cache_images:
-        raise DatasetError("--cache-images is only available for cityscapes so far; drop it for pascal_voc.")
+    refuse_ram_cache(cache_images, "pascal_voc")
     if list_path is None:
         root_path = _resolve_root(_check_root(root))
         samples = scan_split(root_path, split)
