@@ -79,15 +79,20 @@ def main(argv: list[str] | None = None) -> int:
         for split in args.split:
             ds = CityscapesDataset(args.data_dir, split, list_path=args.data_list, crop_size=None,
                                    label_type=args.label_type)
-            count = len(ds) if args.check < 0 else min(args.check, len(ds))
-            start = time.perf_counter()
-            for index in range(count):
-                ds[index]
-            print(f"  decoded {count} samples without error ({time.perf_counter() - start:.1f} s)")
+            _decode_first(ds, args.check)
     except DatasetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _decode_first(ds, check: int) -> None:
+    """Decode the first ``check`` samples of ``ds`` (all with -1): a broken file fails here, named."""
+    count = len(ds) if check < 0 else min(check, len(ds))
+    start = time.perf_counter()
+    for index in range(count):
+        ds[index]
+    print(f"  decoded {count} samples without error ({time.perf_counter() - start:.1f} s)")
 
 
 def _check_other(args: argparse.Namespace) -> int:
@@ -110,11 +115,7 @@ def _check_other(args: argparse.Namespace) -> int:
                 verdict = f"DIFFERS from the official {expected}"
                 differs.append(f"{split}: {len(ds)} != {expected}")
             print(f"  {split}: {len(ds)} images ({verdict})")
-            count = len(ds) if args.check < 0 else min(args.check, len(ds))
-            start = time.perf_counter()
-            for index in range(count):
-                ds[index]
-            print(f"  decoded {count} samples without error ({time.perf_counter() - start:.1f} s)")
+            _decode_first(ds, args.check)
     except DatasetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from cwdseg.data.cityscapes import DatasetError, Sample, _decode, _read_bytes, read_image, read_list_file
+from cwdseg.data.cityscapes import DatasetError, Sample, _decode, _read_bytes, check_pair_sizes, read_image, \
+    read_list_file
 from cwdseg.data.info import IGNORE_INDEX, DatasetInfo
 from cwdseg.data.sampling import sample_key
 from cwdseg.data.transforms import CAFFE_BGR, Normalization, preprocess
@@ -70,10 +71,7 @@ def load_pair(sample: Sample, info: DatasetInfo, source: str = "") -> tuple[np.n
     if sample.label is None:
         return image, None
     label = read_index_label(sample.label)
-    if label.shape != image.shape[:2]:
-        raise DatasetError(f"label {sample.label} is {label.shape[1]}x{label.shape[0]} (WxH) but its image "
-                           f"{sample.image} is {image.shape[1]}x{image.shape[0]}; the pair does not belong "
-                           "together. Fix the list file or regenerate the label.")
+    check_pair_sizes(sample, image, label)
     check_label_values(label, sample.label, info, source)
     return image, label
 

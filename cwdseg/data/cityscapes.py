@@ -287,16 +287,21 @@ def _label_lut(train_ids: bool, ignore_label: int) -> np.ndarray:
     return lut
 
 
+def check_pair_sizes(sample: Sample, image: np.ndarray, label: np.ndarray) -> None:
+    """A label must have its image's size (every dataset layout checks its pairs with this)."""
+    if label.shape != image.shape[:2]:
+        raise DatasetError(f"label {sample.label} is {label.shape[1]}x{label.shape[0]} (WxH) but its image "
+                           f"{sample.image} is {image.shape[1]}x{image.shape[0]}; the pair does not belong "
+                           "together. Fix the list file or regenerate the label.")
+
+
 def _load_checked_pair(sample: Sample) -> tuple[np.ndarray, np.ndarray | None]:
     """Decode an image and its label (None for unlabelled samples), checking sizes and label values."""
     image = read_image(sample.image)
     if sample.label is None:
         return image, None
     label = read_label(sample.label)
-    if label.shape != image.shape[:2]:
-        raise DatasetError(f"label {sample.label} is {label.shape[1]}x{label.shape[0]} (WxH) but its image "
-                           f"{sample.image} is {image.shape[1]}x{image.shape[0]}; the pair does not belong "
-                           "together. Fix the list file or regenerate the label.")
+    check_pair_sizes(sample, image, label)
     _check_label_values(label, sample.label)
     return image, label
 

@@ -239,14 +239,22 @@ def _write_frame(root: Path, split: str, city: str, name: str, objects, label_id
     (label_dir / f"{name}_gtFine_polygons.json").write_text(json.dumps(annotation, indent=4) + "\n")
 
 
-def _prepare_out_dir(root: Path) -> None:
-    """Refuse to write into a foreign non-empty folder; clear a previous synthetic dataset."""
+def holds_previous_synthetic(root: Path) -> bool:
+    """Whether ``root`` holds an earlier synthetic dataset (to clear); a file, or a non-empty folder without
+    its marker, is refused: the generators never write into (or clear) a foreign folder."""
     if root.exists() and not root.is_dir():
         raise FileExistsError(f"{root} exists and is not a folder; choose another output path.")
-    if root.is_dir() and any(root.iterdir()):
-        if not (root / MARKER_FILE).is_file():
-            raise FileExistsError(f"{root} is not empty and holds no {MARKER_FILE}: refusing to write a synthetic "
-                                  "dataset into it. Choose an empty or new folder.")
+    if not (root.is_dir() and any(root.iterdir())):
+        return False
+    if not (root / MARKER_FILE).is_file():
+        raise FileExistsError(f"{root} is not empty and holds no {MARKER_FILE}: refusing to write a synthetic "
+                              "dataset into it. Choose an empty or new folder.")
+    return True
+
+
+def _prepare_out_dir(root: Path) -> None:
+    """Refuse to write into a foreign non-empty folder; clear a previous synthetic dataset."""
+    if holds_previous_synthetic(root):
         for sub in ("leftImg8bit", "gtFine"):
             shutil.rmtree(root / sub, ignore_errors=True)
         (root / MARKER_FILE).unlink()

@@ -25,8 +25,8 @@ import numpy as np
 
 from cwdseg.data import ade20k, camvid, voc
 from cwdseg.data.info import voc_bit_palette
+from cwdseg.data.synthetic import MARKER_FILE, holds_previous_synthetic  # one marker: counts are what was asked for
 
-MARKER_FILE = "synthetic.json"  # the same marker as cwdseg.data.synthetic: counts are whatever was asked for
 GENERATOR_VERSION = 1
 _SPLIT_CODE = {"train": 0, "val": 1, "test": 2}
 DEFAULT_SIZES = {"cityscapes": (256, 512), "pascal_voc": (96, 128), "ade20k": (128, 176), "camvid": (90, 120),
@@ -128,12 +128,7 @@ def _write_palette_png(path: Path, label: np.ndarray, palette: np.ndarray) -> No
 
 
 def _prepare(root: Path) -> None:
-    if root.exists() and not root.is_dir():
-        raise FileExistsError(f"{root} exists and is not a folder; choose another output path.")
-    if root.is_dir() and any(root.iterdir()):
-        if not (root / MARKER_FILE).is_file():
-            raise FileExistsError(f"{root} is not empty and holds no {MARKER_FILE}: refusing to write a synthetic "
-                                  "dataset into it. Choose an empty or new folder.")
+    if holds_previous_synthetic(root):
         for child in root.iterdir():
             shutil.rmtree(child) if child.is_dir() else child.unlink()
     root.mkdir(parents=True, exist_ok=True)
