@@ -101,8 +101,8 @@ def test_local_grid_summary_and_resume(data_dir, tmp_path):
 
     # every active term and weight is in the config, metrics and eval of a run
     run = save_dir / "at100__kd1_seed0"
-    config = json.loads((run / "config.json").read_text())
-    assert set(config["distill_terms"]) == {"at", "kd"} and config["distill_terms"]["at"]["weight"] == 100.0
+    terms = json.loads((run / "config.json").read_text())["config"]["distill"]["terms"]
+    assert set(terms) == {"at", "kd"} and terms["at"]["weight"] == 100.0
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert all(set(r["loss"]) == {"ce", "at", "kd", "total"} and r["weights"] == {"at": 100.0, "kd": 1.0}
                for r in lines)
@@ -188,12 +188,12 @@ def test_device_hours_count_each_step_once(tmp_path):
 
 
 def test_train_step_updates_student_and_connectors_only():
-    from cwdseg.cli.train import resolve_args
+    from cwdseg.cli.train import resolve_config
     from cwdseg.engine.build import build_criteria, build_engine, build_models, build_optimizers
     from cwdseg.engine.distributed import DistInfo
     from cwdseg.engine.step import train_step
 
-    args = resolve_args(["--device", "cpu", "--teacher-ckpt", "random", "--student-init", "random",
+    args = resolve_config(["--device", "cpu", "--teacher-ckpt", "random", "--student-init", "random",
                          "--teacher-arch", "resnet18", "--input-size", "64,64", "--batch-size", "2",
                          "--distill", "fitnet=1", "cwd_feat=3", "ifvd_feat=20", "dist=1", "kd_feat=1"])
     info = DistInfo()

@@ -44,11 +44,12 @@ from cwdseg.engine.distributed import DeviceError, resolve_device
 from cwdseg.engine.precision import AMP_CHOICES
 from cwdseg.cli.checks import overlap_arg
 from cwdseg.evaluation.inference import predict_logits
-from cwdseg.evaluation.loop import EvaluationError, _as_amp_dtype, load_model
+from cwdseg.evaluation.loop import EvaluationError, _as_amp_dtype, load_model_file
 from cwdseg.evaluation.media import DECODERS, MediaError, MediaItem, VideoSink, discover, prefetch, read_image, \
     read_video, video_info
-from cwdseg.data.transforms import Normalization
+from cwdseg.data.transforms import NORMALIZATIONS, Normalization
 from cwdseg.export.normalization import ORIGINAL, apply, channel_order, describe, from_dict, make
+from cwdseg.export.normalization import to_dict as export_normalization_dict
 from cwdseg.viz.overlay import overlay_with_legend
 
 OVERLAY_DIR, IDS_DIR = "overlay", "ids"
@@ -67,7 +68,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--output-dir", required=True, help="where the overlays, id PNGs and videos go")
     p.add_argument("--overwrite", action="store_true", help="replace outputs that exist")
     g = p.add_argument_group("model")
-    g.add_argument("--num-classes", type=int, default=NUM_CLASSES, help="classes of a .pth checkpoint")
+    g.add_argument("--num-classes", type=int, default=None,
+                   help="classes of a foreign .pth checkpoint (default: --dataset's, else 19); toolkit files record it")
     g.add_argument("--dataset", choices=sorted(DATASETS), default=None,
                    help="take the class names and colours of this dataset; default: the export's, else Cityscapes'")
     g.add_argument("--classes", default=None, help="JSON list of class names or {name, color} (overrides --dataset)")
@@ -158,7 +160,13 @@ def load_predictor(args: argparse.Namespace, device: torch.device) -> Predictor:
 
         model, arch, meta = load_safetensors_model(path)
     else:
-        model, arch = load_model(path, None, args.num_classes)
+        # A toolkit student file records its classes and input; a foreign file takes --num-classes / --dataset.
+        loaded = load_model_file(path, None, args.num_classes, args.dataset)
+        model, arch = loaded.model, loaded.arch
+        meta = {"num_classes": loaded.num_classes,
+                "normalization": export_normalization_dict(NORMALIZATIONS[loaded.normalization])}
+        if loaded.class_names:
+            meta["classes"] = [{"name": n, "color": list(c)} for n, c in zip(loaded.class_names, loaded.class_colors)]
     if args.classes:
         meta = {**meta, **_read_classes_file(args.classes)}
     elif args.dataset:
@@ -168,7 +176,7 @@ def load_predictor(args: argparse.Namespace, device: torch.device) -> Predictor:
             raise PredictError(f"--dataset {args.dataset}: {exc}; pass --classes ROOT/classes.json instead") from None
         meta = {**meta, "classes": [{"name": n, "color": [int(v) for v in c]}
                                     for n, c in zip(info.class_names, info.colors)]}
-    num_classes = int(meta.get("num_classes", len(meta["classes"]) if meta.get("classes") else args.num_classes))
+    num_classes = int(meta.get("num_classes", len(meta["classes"]) if meta.get("classes") else args.num_classes or NUM_CLASSES))
     names, colors = _classes_from(meta, num_classes)
     base = from_dict(meta["normalization"]) if "normalization" in meta else ORIGINAL
     if args.channel_order and args.channel_order != channel_order(base) and args.mean is None:

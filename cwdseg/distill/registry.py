@@ -19,7 +19,6 @@ weight is lambda_adv and its options ``d``, ``gp`` are lambda_d, lambda_gp.
 """
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -142,11 +141,6 @@ for _m, _info in METHODS.items():
     if "feature" in _info.taps and _info.taps[0] != "feature":
         TERM_NAMES[f"{_m}_feat"] = (_m, "feature")
 
-# Option defaults that come from the original flags, so ``--temperature 2 --distill cwd=3`` means what it says.
-FLAG_DEFAULTS: dict[str, dict[str, str]] = {
-    "cwd": {"tau": "temperature", "norm": "norm_type", "div": "divergence", "ignore_mask": "cwd_ignore_mask"},
-    "adv": {"d": "lambda_d", "gp": "lambda_gp"},
-}
 
 
 def method_of(name: str) -> Method:
@@ -240,18 +234,24 @@ def parse_distill(entries: Iterable[str]) -> dict[str, dict[str, Any]]:
     return spec
 
 
-def complete(name: str, given: Mapping[str, Any], args: argparse.Namespace | None = None) -> dict[str, Any]:
-    """Every option of a spec entry: the given ones, else the original flag's value, else the default."""
+def complete(name: str, given: Mapping[str, Any],
+             flag_defaults: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+    """Every option of a spec entry: the given ones, else the original flag's value
+    (``flag_defaults``: method -> option -> value, e.g. ``{"cwd": {"tau": 2.0}}`` from ``--temperature 2``),
+    else the default. CWD with ``div=mse`` has tau 1 (the original forces it), so the spec, the run name
+    and every record say the temperature that is used."""
     method = method_of(name)
-    flags = FLAG_DEFAULTS.get(TERM_NAMES[name][0], {})
+    flags = (flag_defaults or {}).get(TERM_NAMES[name][0], {})
     out = {"weight": float(given["weight"]), "on": given.get("on") or TERM_NAMES[name][1] or method.taps[0]}
     for key, default in method.options.items():
         if key in given:
             out[key] = given[key]
-        elif args is not None and key in flags and getattr(args, flags[key], None) is not None:
-            out[key] = type(default)(getattr(args, flags[key]))
+        elif key in flags and flags[key] is not None:
+            out[key] = type(default)(flags[key])
         else:
             out[key] = default
+    if out.get("div") == "mse" and out.get("tau") != 1.0:
+        out["tau"] = 1.0
     return out
 
 
@@ -295,37 +295,11 @@ TABLE2 = ("baseline", "at_feat", "at_logits", "pi_feat", "pi_logits", "local_fea
           "pa_logits", "ifvd_feat", "ifvd_logits", "ho_logits", "cd_feat", "cd_logits")
 
 
-def resolve_spec(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    """The run's full spec from ``--preset``, ``--distill`` and the original flags (in that order).
-
-    ``--distill`` may re-weight a preset's term; an original flag (``--cwd``, ``--kd``, ``--adv``) and
-    a ``--distill`` entry for the same term are an error. ``--cwd True --cwd-feat True`` is the term
-    ``cwd`` on the feature (so the logged name stays ``cwd``, as before).
-    """
-    given: dict[str, dict[str, Any]] = {}
-    preset = getattr(args, "preset", None)
-    if preset:
-        if preset not in PRESETS:
-            raise DistillSpecError(f"--preset {preset!r} is unknown; presets: {', '.join(PRESETS)}")
-        given.update(parse_distill(PRESETS[preset].terms))
-    for name, value in parse_distill(getattr(args, "distill", None) or []).items():
-        given[name] = value
-    legacy: dict[str, dict[str, Any]] = {}
-    if getattr(args, "cwd", False):
-        legacy["cwd"] = {"weight": args.lambda_cwd, "on": "feature" if args.cwd_feat else "logits"}
-    if getattr(args, "kd", False):
-        legacy["kd"] = {"weight": args.lambda_kd}
-    if getattr(args, "adv", False):
-        legacy["adv"] = {"weight": args.lambda_adv}
-    for name, value in legacy.items():
-        if name in given:
-            raise DistillSpecError(f"--{name} True and --distill/--preset both set the term {name!r}; give it once")
-        given[name] = value
-    spec = {name: complete(name, value, args) for name, value in given.items()}
-    feature_terms = [n for n in spec if n.startswith("cwd") and spec[n]["on"] == "feature"]
-    if len(feature_terms) > 1:
-        raise DistillSpecError(f"CWD on the feature is given twice ({', '.join(feature_terms)}); give it once")
-    return spec
+def preset_spec(preset: str) -> dict[str, dict[str, Any]]:
+    """The complete spec of a preset."""
+    if preset not in PRESETS:
+        raise DistillSpecError(f"--preset {preset!r} is unknown; presets: {', '.join(PRESETS)}")
+    return {name: complete(name, options) for name, options in parse_distill(PRESETS[preset].terms).items()}
 
 
 def format_entry(name: str, options: Mapping[str, Any]) -> str:
@@ -341,7 +315,7 @@ def format_entry(name: str, options: Mapping[str, Any]) -> str:
 def spec_run_name(spec: Mapping[str, Mapping[str, Any]], preset: str | None) -> str:
     """A run name for a spec given by --preset/--distill: the preset, or the terms and weights."""
     if preset and tuple(format_entry(n, o) for n, o in spec.items()) == tuple(
-            format_entry(n, o) for n, o in resolve_spec(argparse.Namespace(preset=preset)).items()):
+            format_entry(n, o) for n, o in preset_spec(preset).items()):
         return preset
     if not spec:
         return preset or "baseline"
