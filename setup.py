@@ -4,10 +4,12 @@ from setuptools import find_packages, setup
 setup(
     name="cwdseg",
     version="0.2.0",
-    description="Channel-wise knowledge distillation for semantic segmentation (PSPNet-R101 -> PSPNet-R18, Cityscapes)",
+    description="Knowledge distillation for semantic segmentation, built around channel-wise distillation (CWD)",
     python_requires=">=3.9",
     # One top-level name: the scripts (train.py, evaluate.py, tools/, benchmarks/) stay in the checkout.
     packages=find_packages(include=["cwdseg", "cwdseg.*"]),
+    # The recipe files (``configs/`` in the checkout links to them) travel with the package.
+    package_data={"cwdseg": ["configs/*.yaml", "configs/*/*.yaml"]},
     entry_points={"console_scripts": [
         "cwd-train = cwdseg.cli.train:cli",
         "cwd-eval = cwdseg.cli.evaluate:cli",
@@ -20,6 +22,9 @@ setup(
         "cityscapesscripts>=2.2",
         "tqdm>=4.60",
         "matplotlib>=3.5",
+        # Typed run configurations and recipe files (structured configs over dataclasses, YAML).
+        "omegaconf>=2.3,<2.4",
+        "PyYAML>=5.4",
     ],
     extras_require={
         # libspng PNG decoding: identical pixels, ~1.4x faster training-sample loading
