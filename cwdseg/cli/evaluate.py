@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from cwdseg.api import evaluate_split, load
 from cwdseg.checkpoint import CheckpointError, atomic_write_text
 from cwdseg.cli.checks import eval_value_errors, overlap_arg
 from cwdseg.data import DatasetError
@@ -35,7 +36,7 @@ from cwdseg.engine.distributed import DeviceError, resolve_device
 from cwdseg.engine.precision import AMP_CHOICES
 from cwdseg.data.transforms import NORMALIZATIONS
 from cwdseg.evaluation.loop import SPLITS, EvaluationError, _as_amp_dtype, build_eval_dataset, build_eval_loader, \
-    checkpoint_normalization, evaluate_model, load_model, sha256_file
+    evaluate_model, load_model
 from cwdseg.models import ARCH_NAMES
 from cwdseg.evaluation.metrics import format_table
 from cwdseg.evaluation.official import run_official_check
@@ -144,25 +145,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # every image has the same size
 
-    model, arch = load_model(args.restore_from, args.arch, args.num_classes)
+    segmenter = load(args.restore_from, device=device, num_classes=args.num_classes, arch=args.arch,
+                     normalization=args.normalization, amp=args.amp)  # the library's loader: cwdseg.load
     if args.save_dir is not None:
         prepare_save_dir(Path(args.save_dir), args.restore_from, args.overwrite)
-    normalization = checkpoint_normalization(arch, args.normalization)
-    dataset = build_eval_dataset(args.data_dir, args.split, args.data_list, args.max_images, dataset=args.dataset,
-                                 short_side=args.short_side, normalization=normalization)
-    loader = build_eval_loader(dataset, args.batch_size, args.num_workers)
-    print(f"evaluating {args.restore_from} ({arch}, input {normalization.name}) on {len(dataset)} {args.split} images, {args.mode} mode, "
-          f"scales {args.scales}, flip {args.flip}, amp {args.amp}, device {device}", flush=True)
-
-    results = evaluate_model(
-        model, loader, num_classes=args.num_classes, mode=args.mode, tile=tuple(args.tile), overlap=args.overlap,
-        scales=tuple(args.scales), flip=args.flip, device=device, amp=args.amp, save_dir=args.save_dir,
-        split=args.split, progress=args.progress, tile_batch=args.tile_batch,
-    )
-    results["checkpoint"] = {"path": str(Path(args.restore_from).resolve()), "sha256": sha256_file(args.restore_from),
-                             "arch": arch, "normalization": normalization.name}
-    results["data"] = {"dataset": args.dataset, "data_dir": str(Path(args.data_dir).resolve()), "data_list": args.data_list,
-                       "max_images": args.max_images}
+    results, dataset = evaluate_split(
+        segmenter, args.data_dir, dataset=args.dataset, split=args.split, data_list=args.data_list,
+        max_images=args.max_images, mode=args.mode, tile=tuple(args.tile), overlap=args.overlap,
+        tile_batch=args.tile_batch, scales=tuple(args.scales), flip=args.flip, short_side=args.short_side,
+        batch_size=args.batch_size, num_workers=args.num_workers, save_dir=args.save_dir, progress=args.progress,
+        log=lambda line: print(line, flush=True))
 
     if args.split == "val":
         print(format_table(results))
