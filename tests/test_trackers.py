@@ -243,3 +243,28 @@ def test_fresh_start_in_an_old_folder_is_a_new_run(tracker_env):
     second.close()
     state = json.loads((run_dir / "trackers.json").read_text())
     assert state["runs"]["mlflow"] != old and state["last_step"] == {"scalars": 0}
+
+
+def test_grid_summary_goes_to_the_trackers(tracker_env, tmp_path):
+    names = available("tensorboard", "mlflow")
+    import cv2
+
+    chart = tmp_path / "summary.png"
+    cv2.imwrite(str(chart), np.full((20, 30, 3), (0, 0, 255), np.uint8))  # red, in BGR
+    summary = {"selection": "final-iteration", "rows": [
+        {"method": "baseline", "student": "pspnet_resnet18", "n": 2, "miou_mean": 0.70, "miou_std": 0.01,
+         "delta_vs_baseline": None, "device": ["cpu"]},
+        {"method": "cwd", "student": "pspnet_resnet18", "n": 2, "miou_mean": 0.74, "miou_std": None,
+         "delta_vs_baseline": 0.04, "device": ["cpu"]}]}
+    from cwdseg.engine.trackers import log_summary
+
+    log_summary(",".join(names), tracker_env, summary, chart, markdown="| method | mIoU |")
+    tb = tensorboard_scalars(tracker_env)
+    assert tb["summary/cwd/miou_mean"] == [(0, pytest.approx(0.74))]
+    assert tb["summary/cwd/delta_vs_baseline"] == [(0, pytest.approx(0.04))]
+    assert "summary/baseline/delta_vs_baseline" not in tb and "summary/cwd/miou_std" not in tb
+    assert tensorboard_image_steps(tracker_env, "summary/chart") == [0]
+    _, ml, _ = mlflow_history(tracker_env)
+    assert ml["summary/baseline/miou_mean"] == [(0, 0.70)] and ml["summary/baseline/n"] == [(0, 2.0)]
+    texts = list((tracker_env / "mlruns").rglob("summary_table.md"))
+    assert len(texts) == 1 and texts[0].read_text() == "| method | mIoU |"

@@ -135,6 +135,10 @@ class _TensorBoard:
             self.writer.add_image(key, image, step, dataformats="HWC")
         self.writer.flush()
 
+    def text(self, key: str, text: str) -> None:
+        self.writer.add_text(key, text, 0)
+        self.writer.flush()
+
     def close(self) -> None:
         self.writer.close()
 
@@ -178,6 +182,9 @@ class _MLflow:
         for key, image in images.items():
             self.client.log_image(self.run_id, image, key=key, step=step)
 
+    def text(self, key: str, text: str) -> None:
+        self.client.log_text(self.run_id, text, key.replace("/", "_") + ".md")
+
     def close(self) -> None:
         self.client.set_terminated(self.run_id)
 
@@ -212,6 +219,9 @@ class _WandB:
 
     def images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
         self.run.log({k: self.wandb.Image(v) for k, v in images.items()}, step=step)
+
+    def text(self, key: str, text: str) -> None:
+        self.run.summary[key] = text
 
     def close(self) -> None:
         self.run.finish()
@@ -312,35 +322,37 @@ class Trackers:
         self.backends = {}
 
 
-def log_summary(names: Iterable[str], out_dir: str | Path, table: list[Mapping[str, Any]],
-                chart_png: str | Path | None = None, title: str = "grid summary") -> None:
-    """Push a grid's summary (``tools/summarize_runs.py``) to the trackers, as its own tracker run in
-    ``out_dir``: each row's numbers as scalars at step = its row index (with its text columns in the
-    row's ``name`` when present), the whole table as JSON text and the chart as an image."""
-    names = parse_log_to(list(names))
+def log_summary(names: Iterable[str], out_dir: str | Path, summary: Mapping[str, Any],
+                chart_png: str | Path | None = None, markdown: str | None = None) -> None:
+    """Push a grid's summary (:func:`cwdseg.evaluation.summary.summarize`) to the trackers, as one tracker
+    run of its own in ``out_dir`` (TensorBoard events in ``out_dir/tensorboard``, ...).
+
+    Each row's numbers go in as scalars ``summary/<method>[ <student>]/<column>`` at step 0 (``miou_mean``,
+    ``miou_std``, ``delta_vs_baseline``, ``published``, ``n``, ``images_per_s``, device hours), the table
+    as text (``markdown``, else the rows as JSON) and the bar chart ``chart_png`` as the image
+    ``summary/chart``. ``names`` as ``--log-to`` (:func:`parse_log_to`).
+    """
+    names = parse_log_to(list(names) if not isinstance(names, str) else names)
     if not names:
         return
-    rows = [dict(r) for r in table]
-    trackers = Trackers(names, out_dir, {"summary": title, "rows": len(rows)})
+    rows = [dict(r) for r in summary.get("rows", [])]
+    several_students = len({r.get("student") for r in rows}) > 1
+    trackers = Trackers(names, out_dir, {"selection": summary.get("selection"), "rows": len(rows)})
     try:
-        for index, row in enumerate(rows):
-            label = str(row.get("name", row.get("run", index)))
-            trackers.log_scalars(index, {f"summary/{label}/{k}": v for k, v in row.items() if _is_number(v)})
+        values: dict[str, float] = {}
+        for row in rows:
+            label = str(row.get("method")) + (f" {row.get('student')}" if several_students else "")
+            values.update({f"summary/{label}/{k}": float(v) for k, v in row.items() if _is_number(v)})
+        trackers.log_scalars(0, values)
         if chart_png is not None:
             import cv2
 
             picture = cv2.imread(str(chart_png), cv2.IMREAD_COLOR)
             if picture is None:
                 raise TrackerError(f"{chart_png}: cannot be read as an image")
-            trackers.log_images(0, {"summary/chart": picture[..., ::-1].copy()})
-        text = json.dumps(rows, indent=2, default=str)
+            trackers.log_images(0, {"summary/chart": np.ascontiguousarray(picture[..., ::-1])})
+        text = markdown if markdown is not None else json.dumps(rows, indent=2, default=str)
         for backend in trackers.backends.values():
-            if isinstance(backend, _TensorBoard):
-                backend.writer.add_text("summary/table", f"```\n{text}\n```", 0)
-            elif isinstance(backend, _MLflow):
-                backend.client.log_text(backend.run_id, text, "summary_table.json")
-            else:
-                backend.run.log({"summary/table": backend.wandb.Table(
-                    columns=list(rows[0]) if rows else [], data=[[str(v) for v in r.values()] for r in rows])})
+            backend.text("summary/table", text)
     finally:
         trackers.close()
