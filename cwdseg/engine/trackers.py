@@ -271,12 +271,14 @@ class Trackers:
     def __bool__(self) -> bool:
         return bool(self.backends)
 
-    def _fresh(self, kind: str, step: int) -> bool:
-        """True when ``step`` of ``kind`` has not been logged yet (a resumed run re-runs logged steps)."""
+    def _send(self, kind: str, step: int, method: str, payload: Mapping[str, Any]) -> None:
+        """``backend.<method>(step, payload)`` on every tracker, once per step of ``kind``: a resumed run
+        re-runs the steps after its last checkpoint, and those already logged are skipped."""
         last = self.state["last_step"].get(kind)
-        return last is None or step > last
-
-    def _done(self, kind: str, step: int) -> None:
+        if not self.backends or (last is not None and step <= last):
+            return
+        for backend in self.backends.values():
+            getattr(backend, method)(step, payload)
         self.state["last_step"][kind] = step
         self._save()
 
@@ -287,34 +289,20 @@ class Trackers:
 
     def log_scalars(self, step: int, values: Mapping[str, Any]) -> None:
         """One metrics.jsonl record (or any flat/nested dict of numbers) at ``step``."""
-        if not self.backends or not self._fresh("scalars", step):
-            return
-        scalars = scalars_of_record(values)
-        for backend in self.backends.values():
-            backend.scalars(step, scalars)
-        self._done("scalars", step)
+        self._send("scalars", step, "scalars", scalars_of_record(values))
 
     def log_eval(self, step: int, metrics: Mapping[str, Any]) -> None:
         """An evaluation's mIoU, accuracies and per-class IoU (``val/...``) at ``step``."""
-        if not self.backends or not self._fresh("eval", step):
-            return
-        scalars = scalars_of_eval(metrics)
-        for backend in self.backends.values():
-            backend.scalars(step, scalars)
-        self._done("eval", step)
+        self._send("eval", step, "scalars", scalars_of_eval(metrics))
 
     def log_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
         """Pictures ``{name: (H, W, 3) uint8 RGB}`` at ``step`` (e.g. prediction panels)."""
-        if not self.backends or not self._fresh("images", step):
-            return
         for name, image in images.items():
             if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3
                     and image.shape[2] == 3):
                 raise ValueError(f"image {name!r} must be an (H, W, 3) uint8 RGB array, got "
                                  f"{getattr(image, 'dtype', type(image).__name__)} {getattr(image, 'shape', '')}")
-        for backend in self.backends.values():
-            backend.images(step, images)
-        self._done("images", step)
+        self._send("images", step, "images", images)
 
     def close(self) -> None:
         for backend in self.backends.values():
