@@ -268,3 +268,34 @@ def test_grid_summary_goes_to_the_trackers(tracker_env, tmp_path):
     assert ml["summary/baseline/miou_mean"] == [(0, 0.70)] and ml["summary/baseline/n"] == [(0, 2.0)]
     texts = list((tracker_env / "mlruns").rglob("summary_table.md"))
     assert len(texts) == 1 and texts[0].read_text() == "| method | mIoU |"
+
+
+def test_prediction_panels_show_image_truth_and_prediction(tmp_path):
+    import cv2
+    import torch
+
+    from cwdseg.data.labels import TRAIN_ID_COLORS
+    from cwdseg.data.synthetic import generate
+    from cwdseg.data.transforms import IMAGENET_RGB
+    from cwdseg.engine.trackers import prediction_panels
+    from cwdseg.evaluation.loop import build_eval_dataset
+
+    root = generate(tmp_path / "cityscapes", n_train=0, n_val=2, n_test=0, size=(32, 64), seed=1)
+    dataset = build_eval_dataset(root, "val", normalization=IMAGENET_RGB)
+    torch.manual_seed(0)
+    net = torch.nn.Conv2d(3, 19, 1).double()
+    model = torch.nn.Sequential(torch.nn.Identity())
+    model.forward = lambda x: net(x.double()).float()  # a 1x1 conv: the prediction is computable by hand
+    panels = prediction_panels(model, dataset, "cpu", count=5, normalization=IMAGENET_RGB, scale=1.0)
+    assert sorted(panels) == ["val/panel_0", "val/panel_1"]
+    for i, name in enumerate(sorted(panels)):
+        panel = panels[name]
+        assert panel.shape == (32, 4 * 64, 3) and panel.dtype == np.uint8
+        bgr = cv2.imread(str(dataset.samples[i].image), cv2.IMREAD_COLOR)
+        rgb = bgr[..., ::-1].astype(np.float64)
+        assert np.abs(panel[:, :64].astype(np.float64) - rgb).max() <= 1.0  # the image, back from the input
+        # prediction by hand: ImageNet-normalised RGB through the 1x1 conv, in float64
+        x = (rgb - np.array(IMAGENET_RGB.mean)) / np.array(IMAGENET_RGB.std)
+        w = net.weight.detach().numpy()[:, :, 0, 0]
+        logits = x @ w.T + net.bias.detach().numpy()
+        assert np.array_equal(panel[:, 128:192], TRAIN_ID_COLORS[logits.argmax(-1)])

@@ -310,6 +310,46 @@ class Trackers:
         self.backends = {}
 
 
+def prediction_panels(model: Any, dataset: Any, device: Any, count: int = 2, normalization: Any = None,
+                      info: Any = None, scale: float = 0.5, amp_dtype: Any = None) -> dict[str, np.ndarray]:
+    """``{"val/panel_<i>": (h, w, 3) uint8 RGB}`` for the first ``count`` images of an evaluation
+    dataset (``build_eval_dataset``): image | ground truth | prediction | errors in red
+    (:func:`cwdseg.viz.segmaps.make_panel`), resized by ``scale``; the prediction is the whole-image
+    protocol's (:func:`cwdseg.evaluation.inference.predict_ids`), as the evaluation scores it.
+
+    ``normalization``: the input's (default: the dataset's, else Caffe BGR), to turn the network input
+    back into the picture; ``info``: the classes and colours (default: the dataset's, else Cityscapes).
+    """
+    import torch
+
+    from cwdseg.data.transforms import CAFFE_BGR
+    from cwdseg.evaluation.inference import predict_ids
+    from cwdseg.viz.segmaps import make_panel
+
+    info = info if info is not None else getattr(dataset, "info", None)
+    normalization = normalization or getattr(dataset, "normalization", None) or CAFFE_BGR
+    num_classes = info.num_classes if info is not None else 19
+    colors = None if info is None else info.colors
+    was_training = model.training
+    model.eval()
+    panels = {}
+    try:
+        for i in range(min(count, len(dataset))):
+            image, label = dataset[i][0], dataset[i][1]
+            x = torch.as_tensor(image)[None].to(device)
+            pred = predict_ids(model, x, num_classes=num_classes, amp_dtype=amp_dtype)[0].cpu().numpy()
+            label = label.numpy() if hasattr(label, "numpy") else np.asarray(label)
+            if label.shape != pred.shape:  # resized inputs (--short-side): the panel is drawn at the input's size
+                import cv2
+
+                label = cv2.resize(label, pred.shape[::-1], interpolation=cv2.INTER_NEAREST)
+            bgr = normalization.to_bgr_uint8(np.asarray(image))
+            panels[f"val/panel_{i}"] = np.ascontiguousarray(make_panel(bgr, label, pred, scale, colors)[..., ::-1])
+    finally:
+        model.train(was_training)
+    return panels
+
+
 def log_summary(names: Iterable[str], out_dir: str | Path, summary: Mapping[str, Any],
                 chart_png: str | Path | None = None, markdown: str | None = None) -> None:
     """Push a grid's summary (:func:`cwdseg.evaluation.summary.summarize`) to the trackers, as one tracker
