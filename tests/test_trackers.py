@@ -144,8 +144,17 @@ def wandb_history(run_dir: Path) -> tuple[set[str], dict[str, list[tuple[int, fl
 def test_parse_log_to_and_errors(monkeypatch, tmp_path):
     assert parse_log_to("tensorboard, mlflow,tensorboard") == ["tensorboard", "mlflow"]
     assert parse_log_to("") == [] and parse_log_to(None) == []
-    with pytest.raises(TrackerError, match="unknown tracker.*tensorboard, mlflow, wandb"):
-        parse_log_to("tensorbord")
+    with pytest.raises(TrackerError, match="unknown tracker 'tensorbord'; valid: tensorboard, mlflow, wandb"):
+        parse_log_to("mlflow,tensorbord")
+    import argparse
+
+    from cwdseg.engine.trackers import log_to_arg
+
+    parser = argparse.ArgumentParser(prog="train.py")
+    parser.add_argument("--log-to", type=log_to_arg, default=[])
+    assert parser.parse_args(["--log-to", "wandb,mlflow"]).log_to == ["wandb", "mlflow"]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--log-to", "mlfow"])
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if the extra were not installed
     with pytest.raises(TrackerError, match=r"pip install 'cwdseg\[wandb\]'"):
         Trackers(["wandb"], tmp_path)

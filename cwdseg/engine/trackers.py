@@ -55,10 +55,20 @@ def parse_log_to(value: str | Iterable[str] | None) -> list[str]:
         if not name:
             continue
         if name not in TRACKERS:
-            raise TrackerError(f"--log-to {name!r}: unknown tracker; valid: {', '.join(TRACKERS)} (comma-separated)")
+            raise TrackerError(f"unknown tracker {name!r}; valid: {', '.join(TRACKERS)} (comma-separated)")
         if name not in names:
             names.append(name)
     return names
+
+
+def log_to_arg(value: str) -> list[str]:
+    """``argparse`` type of ``--log-to``: :func:`parse_log_to`, its error as the parser's one-line message."""
+    import argparse
+
+    try:
+        return parse_log_to(value)
+    except TrackerError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _require(module: str, extra: str):
@@ -158,7 +168,12 @@ class _MLflow:
                 run_id = self.client.create_run(experiment_id, run_name=run_dir.name).info.run_id
                 self._params(config, run_id)
             else:
-                self.client.update_run(run_id, status="RUNNING")
+                try:
+                    self.client.update_run(run_id, status="RUNNING")
+                except Exception as exc:  # another store than the one the run started in
+                    raise TrackerError(f"the MLflow run {run_id} of {run_dir / STATE_FILE} is not in {uri} "
+                                       f"({type(exc).__name__}); set MLFLOW_TRACKING_URI to the store the run "
+                                       "started in") from None
         self.run_id = run_id
 
     def _params(self, config: Mapping[str, Any], run_id: str) -> None:
