@@ -37,7 +37,8 @@ from cwdseg.evaluation.media import read_image
 from cwdseg.export.normalization import from_dict, to_dict
 from cwdseg.models import canonical_arch
 
-__all__ = ["load", "evaluate", "evaluate_split", "Segmenter", "SegClass", "load_network", "class_table", "student_metadata"]
+__all__ = ["load", "evaluate", "evaluate_split", "Segmenter", "SegClass", "load_network", "class_table", "class_entries",
+           "student_metadata"]
 
 Image = Union[np.ndarray, str, os.PathLike]
 
@@ -75,14 +76,8 @@ def _meta_of_student(path: Path, found: dict[str, Any]) -> dict[str, Any]:
     if names:
         colors = found.get("class_colors") or [[128, 128, 128]] * len(names)
         meta["classes"] = [{"name": str(n), "color": [int(v) for v in c]} for n, c in zip(names, colors)]
-    elif found.get("dataset"):
-        from cwdseg.data.registry import dataset_info
-
-        try:
-            info = dataset_info(found["dataset"])
-            meta["classes"] = [{"name": n, "color": [int(v) for v in c]} for n, c in zip(info.class_names, info.colors)]
-        except Exception:  # a folder dataset's classes live with its data; names stay numeric
-            pass
+    elif found.get("dataset") and found["dataset"] != "folder":  # a folder dataset's classes live with its data
+        meta["classes"] = class_entries(found["dataset"])
     norm = found.get("normalization")
     if norm is not None:
         if norm not in NORMALIZATIONS:
@@ -142,6 +137,23 @@ def class_table(meta: dict[str, Any], num_classes: int) -> tuple[list[str], np.n
     hues = np.linspace(0, 179, num_classes, endpoint=False).astype(np.uint8)  # distinct colours for unknown classes
     hsv = np.stack([hues, np.full_like(hues, 200), np.full_like(hues, 230)], -1)[None]
     return [str(i) for i in range(num_classes)], cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0]
+
+
+def class_entries(classes: str | Sequence[str | dict[str, Any]]) -> list[dict[str, Any]]:
+    """A dataset name or a list of names / ``{name, color}`` -> ``[{"name", "color"}, ...]``."""
+    if isinstance(classes, str):
+        from cwdseg.data.registry import dataset_info
+
+        info = dataset_info(classes)
+        return [{"name": n, "color": [int(v) for v in c]} for n, c in zip(info.class_names, info.colors)]
+    entries = []
+    for i, item in enumerate(classes):
+        name = item if isinstance(item, str) else item.get("name") if isinstance(item, dict) else None
+        color = [128, 128, 128] if isinstance(item, str) else item.get("color") if isinstance(item, dict) else None
+        if not isinstance(name, str) or not isinstance(color, (list, tuple)) or len(color) != 3:
+            raise ValueError(f"entry {i} is not a name or {{\"name\": ..., \"color\": [r, g, b]}}")
+        entries.append({"name": name, "color": [int(v) for v in color]})
+    return entries
 
 
 def _as_bgr(image: Image) -> np.ndarray:
@@ -229,18 +241,25 @@ class Segmenter:
 
 
 def load(path: str | os.PathLike, *, device: str | torch.device = "auto", num_classes: int | None = None,
-         arch: str | None = None, normalization: str | Normalization | None = None, amp: str = "none") -> Segmenter:
+         arch: str | None = None, normalization: str | Normalization | None = None,
+         classes: str | Sequence[str | dict[str, Any]] | None = None, amp: str = "none") -> Segmenter:
     """A :class:`Segmenter` for any network file the toolkit reads (see :func:`load_network`).
 
     ``device``: ``auto`` (a GPU when there is one), ``cpu``, ``cuda``, ``cuda:N``. ``num_classes`` and
     ``arch`` as :func:`load_network`. ``normalization``
     overrides the file's (a name of :data:`cwdseg.data.transforms.NORMALIZATIONS` or a record).
+    ``classes`` overrides the file's class names and colours: a dataset name (``cwdseg.data.registry``),
+    or a list of names or of ``{"name": ..., "color": [r, g, b]}``.
     ``amp``: autocast of the forward (``none`` = fp32 as the published numbers, ``auto``, ``bf16``,
     ``fp16``; an ONNX file always runs fp32).
     """
     dev = resolve_device(str(device) if isinstance(device, torch.device) else device, None)
     model, arch, meta, is_onnx = load_network(path, dev, num_classes, arch)
+    if classes is not None:
+        meta = {**meta, "classes": class_entries(classes)}
     count = int(meta.get("num_classes", len(meta["classes"]) if meta.get("classes") else NUM_CLASSES))
+    if meta.get("classes") and len(meta["classes"]) != count:
+        raise ValueError(f"{len(meta['classes'])} classes given for a network of {count} outputs ({path})")
     names, colors = class_table(meta, count)
     if isinstance(normalization, Normalization):
         norm = normalization

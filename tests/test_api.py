@@ -158,3 +158,13 @@ def test_bad_inputs_are_one_line_errors(files, tmp_path):
     with pytest.raises(Exception, match="holds a deeplabv3_resnet18"):
         cwdseg.load(files["cirkd"], arch="pspnet_resnet18", device="cpu")
     assert "pspnet_resnet18" in repr(seg) and seg.num_classes == 19
+
+
+def test_class_overrides(files):
+    seg = cwdseg.load(files["original"], device="cpu", classes=[f"k{i}" for i in range(18)] + [
+        {"name": "last", "color": [1, 2, 3]}])
+    assert seg.classes[18] == (18, "last", (1, 2, 3)) and seg.classes[0].color == (128, 128, 128)
+    with pytest.raises(ValueError, match="3 classes given for a network of 19 outputs"):
+        cwdseg.load(files["original"], device="cpu", classes=["a", "b", "c"])
+    with pytest.raises(ValueError, match=r"entry 1 is not a name"):
+        cwdseg.load(files["original"], device="cpu", classes=["a", {"name": "b"}])

@@ -39,11 +39,11 @@ from tqdm import tqdm
 from cwdseg.checkpoint import CheckpointError
 from cwdseg.data import DatasetError
 from cwdseg.data.labels import NUM_CLASSES
-from cwdseg.data.registry import DATASETS, dataset_info
+from cwdseg.data.registry import DATASETS
 from cwdseg.engine.distributed import DeviceError, resolve_device
 from cwdseg.engine.precision import AMP_CHOICES
 from cwdseg.cli.checks import overlap_arg
-from cwdseg.api import class_table, load_network
+from cwdseg.api import class_entries, class_table, load_network
 from cwdseg.evaluation.inference import network_input, predict_ids
 from cwdseg.evaluation.loop import EvaluationError, _as_amp_dtype
 from cwdseg.evaluation.media import DECODERS, MediaError, MediaItem, VideoSink, discover, prefetch, read_image, \
@@ -121,14 +121,10 @@ def _read_classes_file(path: str) -> dict[str, Any]:
         raise PredictError(f"--classes {path}: cannot read it as JSON ({exc})") from None
     if not isinstance(items, list) or not items:
         raise PredictError(f"--classes {path}: expected a list of class names or of {{name, color}}")
-    table = []
-    for i, it in enumerate(items):
-        name = it if isinstance(it, str) else it.get("name") if isinstance(it, dict) else None
-        color = [128, 128, 128] if isinstance(it, str) else it.get("color") if isinstance(it, dict) else None
-        if not isinstance(name, str) or not isinstance(color, list) or len(color) != 3:
-            raise PredictError(f"--classes {path}: entry {i} is not a name or {{\"name\": ..., \"color\": [r, g, b]}}")
-        table.append({"name": name, "color": color})
-    return {"classes": table}
+    try:
+        return {"classes": class_entries(items)}
+    except ValueError as exc:
+        raise PredictError(f"--classes {path}: {exc}") from None
 
 
 def load_predictor(args: argparse.Namespace, device: torch.device) -> Predictor:
@@ -141,11 +137,9 @@ def load_predictor(args: argparse.Namespace, device: torch.device) -> Predictor:
         meta = {**meta, **_read_classes_file(args.classes)}
     elif args.dataset:
         try:
-            info = dataset_info(args.dataset)
+            meta = {**meta, "classes": class_entries(args.dataset)}
         except DatasetError as exc:  # 'folder' reads its classes from its root's classes.json
             raise PredictError(f"--dataset {args.dataset}: {exc}; pass --classes ROOT/classes.json instead") from None
-        meta = {**meta, "classes": [{"name": n, "color": [int(v) for v in c]}
-                                    for n, c in zip(info.class_names, info.colors)]}
     num_classes = int(meta.get("num_classes", len(meta["classes"]) if meta.get("classes") else
                                args.num_classes or NUM_CLASSES))
     names, colors = class_table(meta, num_classes)
