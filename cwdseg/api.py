@@ -116,8 +116,11 @@ def load_network(path: str | os.PathLike, device: torch.device | str = "cpu", nu
         return model.to(device).eval(), arch, dict(meta), False
     found = _file_metadata(path)
     meta = _meta_of_student(path, found) if found else {}
-    if num_classes is None:
-        num_classes = meta.get("num_classes", len(meta["classes"]) if meta.get("classes") else NUM_CLASSES)
+    known = meta.get("num_classes", len(meta["classes"]) if meta.get("classes") else None)
+    if num_classes is not None and known is not None and num_classes != known:
+        raise CheckpointError(f"{path} holds a network of {known} classes (its metadata), not {num_classes}; "
+                              "use it on the dataset it was trained for")
+    num_classes = num_classes if num_classes is not None else known if known is not None else NUM_CLASSES
     if arch is not None and meta.get("arch") and canonical_arch(arch) != canonical_arch(meta["arch"]):
         raise CheckpointError(f"{path} holds a {meta['arch']} network (its metadata), not {arch}")
     model, arch = load_model(path, arch or meta.get("arch"), num_classes)
