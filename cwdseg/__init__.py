@@ -12,5 +12,28 @@ Rooms (each knows only what it needs):
 - :mod:`cwdseg.checkpoint`: loading and saving weights (``weights_only=True``, atomic writes).
 - :mod:`cwdseg.viz`: colour maps, panels and curves.
 - :mod:`cwdseg.cli`: the command lines behind ``train.py`` / ``evaluate.py`` (``cwd-train``, ``cwd-eval``).
+
+The library, at the top level (:mod:`cwdseg.api`)::
+
+    seg = cwdseg.load("student.pth")             # any network file the toolkit reads -> Segmenter
+    ids = seg.predict(rgb_uint8_array)           # (H, W) class ids; also paths and lists
+    results = cwdseg.evaluate(seg, "data/cityscapes")
 """
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.2.0"
+__all__ = ["load", "evaluate", "Segmenter", "__version__"]
+
+if TYPE_CHECKING:
+    from cwdseg.api import Segmenter, evaluate, load
+
+
+def __getattr__(name: str) -> Any:
+    # Imported on first use, so that ``import cwdseg`` stays cheap (no torch, no OpenCV).
+    if name in ("load", "evaluate", "Segmenter"):
+        from cwdseg import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'cwdseg' has no attribute {name!r}")
