@@ -32,10 +32,9 @@ from cwdseg.data.transforms import NORMALIZATIONS, Normalization
 from cwdseg.engine.distributed import resolve_device
 from cwdseg.evaluation.inference import network_input, predict_ids, predict_probabilities
 from cwdseg.evaluation.loop import EvaluationError, _as_amp_dtype, build_eval_dataset, build_eval_loader, \
-    checkpoint_normalization, evaluate_model, load_model, sha256_file
+    evaluate_model, load_model_file, sha256_file
 from cwdseg.evaluation.media import read_image
 from cwdseg.export.normalization import from_dict, to_dict
-from cwdseg.models import canonical_arch
 
 __all__ = ["load", "evaluate", "evaluate_split", "Segmenter", "SegClass", "load_network", "class_table", "class_entries"]
 

@@ -14,6 +14,7 @@ import torch
 
 import cwdseg
 from cwdseg.checkpoint import CheckpointError
+from cwdseg.evaluation.loop import EvaluationError
 from cwdseg.cli import evaluate as evaluate_cli
 from cwdseg.cli import predict as predict_cli
 from cwdseg.data.labels import CLASS_NAMES, TRAIN_ID_COLORS
@@ -157,7 +158,7 @@ def test_bad_inputs_are_one_line_errors(files, tmp_path):
         cwdseg.load(tmp_path / "missing.pth")
     with pytest.raises(Exception, match="holds a deeplabv3_resnet18"):
         cwdseg.load(files["cirkd"], arch="pspnet_resnet18", device="cpu")
-    with pytest.raises(CheckpointError, match="holds a network of 19 classes .its metadata., not 21"):
+    with pytest.raises(EvaluationError, match=r"was trained with 19 classes \(cityscapes\), not 21"):
         cwdseg.load(files["toolkit"], num_classes=21, device="cpu")
     assert "pspnet_resnet18" in repr(seg) and seg.num_classes == 19
 

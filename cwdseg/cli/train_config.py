@@ -8,7 +8,6 @@ re-weights terms; ``--demo``'s CWD term applies only when no other layer chose t
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -17,7 +16,7 @@ from typing import Any
 
 import torch
 
-from cwdseg.config import CONFIG_FORMAT, ConfigError, RunConfig, from_dict, one_line, schema, to_dict
+from cwdseg.config import CONFIG_FORMAT, ConfigError, RunConfig, from_dict, one_line, to_dict
 from cwdseg.data.registry import dataset_info
 from cwdseg.distill.registry import PRESETS, DistillSpecError, complete, parse_distill, spec_run_name
 from cwdseg.engine.build import RANDOM, default_imagenet_init
