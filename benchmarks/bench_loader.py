@@ -36,7 +36,7 @@ import torch
 
 import stats
 from cwdseg.data.cityscapes import CityscapesDataset, build_loader
-from cwdseg.data.original_order import original_sample
+from original_order import original_sample
 from cwdseg.data.sampling import TrainSampleStream
 from cwdseg.data.synthetic import generate
 

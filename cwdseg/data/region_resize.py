@@ -1,0 +1,171 @@
+"""The random-scale crop of the training recipe without resizing the whole image, bit-identical to it.
+
+The recipe resizes the whole uint8 image by ``f`` (``cv2.resize(image, None, fx=f, fy=f, INTER_LINEAR)``,
+the label with ``INTER_NEAREST``) and then crops 512x512 out of it: at ``f = 1.4`` on a 1024x2048 image
+that is 4.1 M resized pixels for 0.26 M kept. :func:`scaled_crop` returns the same crop from the source
+region the crop reads.
+
+Why it is exact. OpenCV's ``INTER_LINEAR`` for uint8 (OpenCV 4.x and 5.x, ``resizeGeneric`` with
+``INTER_RESIZE_COEF_BITS = 11``) is separable and position-independent once two tables are known:
+
+- per output column ``x``: ``c = float32((x + 0.5) * (1/f) - 0.5)``, ``sx = floor(c)``, ``a = c - sx``;
+  clamped to ``sx = 0, a = 0`` left of the image and ``sx = W - 1, a = 0`` right of it; weights
+  ``a0 = rint(2048 * float32(1 - a))``, ``a1 = rint(2048 * a)``;
+- per output row ``y``: the same without the clamp (rows outside the image are clipped to its border
+  rows instead, with the unclamped weights);
+- pixel: ``h = src[sy, sx] * a0 + src[sy, sx + 1] * a1`` per source row (exact int), then
+  ``out = ((b0 * (h0 >> 4)) >> 16) + ((b1 * (h1 >> 4)) >> 16) + 2) >> 2``.
+
+:func:`linear_tables` and :func:`resize_exact` restate this in numpy; the tests check them against
+``cv2.resize`` on many sizes and every scale of the recipe. An output pixel depends only on its row's and
+its column's table entries and on the source pixels they name. So the crop is ``cv2.resize`` (same
+``fx``, hence the same ``1/f``) of a source region aligned on a period of ``f`` (``S0 = Q m`` source,
+``D0 = P m`` output, ``f = P / Q``), with a margin so that the region's own border clamps fall outside
+the crop; the region's tables are compared with the full image's, entry by entry, and the rows and
+columns whose entries differ (the float32 coordinate of a far column rounds more coarsely than the same
+coordinate counted from the region's start) are recomputed by :func:`resize_exact` with the full
+image's tables. Labels are gathered through the full image's nearest-neighbour tables directly.
+
+One exception: at ``f = 0.5`` exactly, ``cv2.resize`` switches INTER_LINEAR to 2x2 averaging
+(INTER_AREA); :func:`scaled_crop` then resizes the whole image (0.5 is not a scale of the recipe).
+"""
+from __future__ import annotations
+
+from fractions import Fraction
+from functools import lru_cache
+
+import cv2
+import numpy as np
+
+COEF_SCALE = 2048  # OpenCV's INTER_RESIZE_COEF_SCALE = 1 << 11
+_MAX_PERIOD = 64  # alignment period searched for f = P / Q; any f is still exact, only slower
+_MAX_FIXUP = 0.25  # above this share of rows + columns to recompute, resize the whole region exactly
+
+
+def scaled_size(height: int, width: int, f: float) -> tuple[int, int]:
+    """``cv2.resize(src, None, fx=f, fy=f)``'s output size (h, w): ``saturate_cast<int>(n * f)``, round-half-even."""
+    return int(np.rint(height * f)), int(np.rint(width * f))
+
+
+@lru_cache(maxsize=256)
+def linear_tables(n_src: int, n_dst: int, f: float, clamp: bool) -> tuple[np.ndarray, ...]:
+    """OpenCV's INTER_LINEAR tables along one axis: (s0, s1, w0, w1), each (n_dst,) int32, read-only.
+
+    ``s0``/``s1`` are the source indices (clipped to the image), ``w0``/``w1`` the 11-bit weights.
+    ``clamp`` is the column rule (weights clamped at the borders); rows are not clamped.
+    """
+    coord = ((np.arange(n_dst, dtype=np.float64) + 0.5) * (1.0 / f) - 0.5).astype(np.float32)
+    start = np.floor(coord)
+    frac = (coord - start).astype(np.float32)
+    start = start.astype(np.int64)
+    if clamp:
+        low, high = start < 0, start >= n_src - 1
+        frac[low | high] = 0
+        start[low] = 0
+        start[high] = n_src - 1
+    w0 = np.rint((np.float32(1) - frac) * np.float32(COEF_SCALE)).astype(np.int32)
+    w1 = np.rint(frac * np.float32(COEF_SCALE)).astype(np.int32)
+    out = (np.clip(start, 0, n_src - 1).astype(np.int32), np.clip(start + 1, 0, n_src - 1).astype(np.int32), w0, w1)
+    for a in out:
+        a.setflags(write=False)
+    return out
+
+
+@lru_cache(maxsize=256)
+def nearest_table(n_src: int, n_dst: int, f: float) -> np.ndarray:
+    """OpenCV's INTER_NEAREST source index per output index: ``min(floor(x * (1/f)), n_src - 1)``."""
+    table = np.minimum(np.floor(np.arange(n_dst, dtype=np.float64) * (1.0 / f)), n_src - 1).astype(np.intp)
+    table.setflags(write=False)
+    return table
+
+
+def resize_exact(image: np.ndarray, rows: tuple[np.ndarray, ...], cols: tuple[np.ndarray, ...]) -> np.ndarray:
+    """INTER_LINEAR output pixels of ``image`` (H, W, C) uint8 for the given row and column table entries,
+    in OpenCV's fixed-point arithmetic: (len(rows[0]), len(cols[0]), C) uint8."""
+    ys0, ys1, b0, b1 = rows
+    xs0, xs1, a0, a1 = cols
+    # The horizontal pass once per distinct source row: h = src[x0] * a0 + src[x1] * a1, then h >> 4.
+    sources, inverse = np.unique(np.concatenate([ys0, ys1]), return_inverse=True)
+    band = np.take(image, sources, axis=0)
+    h = np.take(band, xs0, axis=1).astype(np.int32)
+    h *= a0[:, None]
+    second = np.take(band, xs1, axis=1).astype(np.int32)
+    second *= a1[:, None]
+    h += second
+    h >>= 4
+    # The vertical pass: ((b0 * q0) >> 16) + ((b1 * q1) >> 16) + 2) >> 2.
+    out = np.take(h, inverse[:len(ys0)], axis=0)
+    out *= b0[:, None, None]
+    out >>= 16
+    second = np.take(h, inverse[len(ys0):], axis=0)
+    second *= b1[:, None, None]
+    second >>= 16
+    out += second
+    out += 2
+    out >>= 2
+    return out.astype(np.uint8)
+
+
+def _aligned_span(first: int, stop: int, n_src: int, f: float, period: tuple[int, int]) -> tuple[int, int, int]:
+    """(S0, S_end, D0): a source span whose resize holds output [first, stop) away from its own borders."""
+    p, q = period
+    m = max(0, first // p - 1)  # one period of margin before the crop
+    return q * m, min(n_src, int(stop / f) + 3), p * m
+
+
+def _period(f: float) -> tuple[int, int]:
+    frac = Fraction(f).limit_denominator(_MAX_PERIOD)
+    return frac.numerator, frac.denominator
+
+
+def _entries(tables: tuple[np.ndarray, ...], lo: int, hi: int, shift: int) -> np.ndarray:
+    s0, s1, w0, w1 = (t[lo:hi] for t in tables)
+    return np.stack([s0 - shift, s1 - shift, w0, w1])
+
+
+def scaled_crop(image: np.ndarray, f: float, top: int, left: int, rows: int, cols: int) -> np.ndarray:
+    """``cv2.resize(image, None, fx=f, fy=f, interpolation=INTER_LINEAR)[top:top+rows, left:left+cols]``,
+    bit for bit, resizing only the region the crop reads. ``image`` (H, W, 3) uint8."""
+    height, width = image.shape[:2]
+    out_h, out_w = scaled_size(height, width, f)
+    if not (0 <= top and top + rows <= out_h and 0 <= left and left + cols <= out_w and rows > 0 and cols > 0):
+        raise ValueError(f"crop {rows}x{cols} at ({top}, {left}) is outside the {out_h}x{out_w} scaled image")
+    if (out_h, out_w) == (height, width):  # cv2.resize copies
+        return image[top:top + rows, left:left + cols].copy()
+    if 1.0 / f == 2.0:  # cv2.resize halves by 2x2 averaging (INTER_AREA) here; not a recipe scale, so no fast path
+        return cv2.resize(image, None, fx=f, fy=f, interpolation=cv2.INTER_LINEAR)[top:top + rows, left:left + cols]
+    full_y = linear_tables(height, out_h, f, False)
+    full_x = linear_tables(width, out_w, f, True)
+    period = _period(f)
+    y0, y_end, dy0 = _aligned_span(top, top + rows, height, f, period)
+    x0, x_end, dx0 = _aligned_span(left, left + cols, width, f, period)
+    region = image[y0:y_end, x0:x_end]
+    reg_h, reg_w = scaled_size(y_end - y0, x_end - x0, f)
+    fits = top + rows - dy0 <= reg_h and left + cols - dx0 <= reg_w and (reg_h, reg_w) != region.shape[:2]
+    if fits:
+        reg_y = linear_tables(y_end - y0, reg_h, f, False)
+        reg_x = linear_tables(x_end - x0, reg_w, f, True)
+        bad_r = np.flatnonzero((_entries(full_y, top, top + rows, y0)
+                                != _entries(reg_y, top - dy0, top - dy0 + rows, 0)).any(0))
+        bad_c = np.flatnonzero((_entries(full_x, left, left + cols, x0)
+                                != _entries(reg_x, left - dx0, left - dx0 + cols, 0)).any(0))
+    rows_y = tuple(t[top:top + rows] for t in full_y)
+    cols_x = tuple(t[left:left + cols] for t in full_x)
+    if not fits or len(bad_r) + len(bad_c) > _MAX_FIXUP * (rows + cols):
+        return resize_exact(image, rows_y, cols_x)
+    out = cv2.resize(region, None, fx=f, fy=f, interpolation=cv2.INTER_LINEAR)
+    out = out[top - dy0:top - dy0 + rows, left - dx0:left - dx0 + cols]
+    if len(bad_c):
+        out[:, bad_c] = resize_exact(image, rows_y, tuple(t[bad_c] for t in cols_x))
+    if len(bad_r):
+        out[bad_r] = resize_exact(image, tuple(t[bad_r] for t in rows_y), cols_x)
+    return out
+
+
+def scaled_label_crop(label: np.ndarray, f: float, top: int, left: int, rows: int, cols: int) -> np.ndarray:
+    """``cv2.resize(label, None, fx=f, fy=f, interpolation=INTER_NEAREST)[top:top+rows, left:left+cols]``."""
+    height, width = label.shape[:2]
+    out_h, out_w = scaled_size(height, width, f)
+    ys = nearest_table(height, out_h, f)[top:top + rows]
+    xs = nearest_table(width, out_w, f)[left:left + cols]
+    return label[ys][:, xs]
