@@ -173,6 +173,7 @@ class SegmentationDataset(Dataset):
             print(f"{info.name} {split}: {len(samples)} images ({source}; labels: {info.label_description})")
 
     cached = False  # no RAM cache for these layouts (build_loader asks)
+    region_resize = True  # False: the random scale resizes the whole image (the previous path; benchmarks set it)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -194,7 +195,7 @@ class SegmentationDataset(Dataset):
             return (*self._resized_for_eval(image, label, lut), self.samples[index].name)
         image, label = preprocess(image, label, rng, self.crop_size, self.random_scale, self.random_mirror,
                                   lut, self.ignore_label, self._mean_lut, self.normalization.rgb,
-                                  uint8_output=self.uint8_images)
+                                  region_resize=self.region_resize, uint8_output=self.uint8_images)
         return torch.from_numpy(image), torch.from_numpy(label), self.samples[index].name
 
     def _resized_for_eval(self, image: np.ndarray, label: np.ndarray | None, lut: np.ndarray | None):

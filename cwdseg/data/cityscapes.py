@@ -463,6 +463,8 @@ class CityscapesDataset(Dataset):
             return "*_labelIds.png -> trainIds by the official table"
         return f"{n_train} *_labelTrainIds.png used directly, {len(labels) - n_train} labelIds mapped"
 
+    region_resize = True  # False: the random scale resizes the whole image (the previous path; benchmarks set it)
+
     @property
     def cached(self) -> bool:
         """True when decoded images are held in RAM (``cache_images=True``)."""
@@ -495,7 +497,7 @@ class CityscapesDataset(Dataset):
         image, label, lut = self.load_raw(index)
         image, label = preprocess(image, label, rng, self.crop_size, self.random_scale, self.random_mirror,
                                   lut, self.ignore_label, self._mean_lut, self.normalization.rgb,
-                                  uint8_output=self.uint8_images)
+                                  region_resize=self.region_resize, uint8_output=self.uint8_images)
         return torch.from_numpy(image), torch.from_numpy(label), self.samples[index].name
 
 

@@ -84,12 +84,19 @@ def resize_exact(image: np.ndarray, rows: tuple[np.ndarray, ...], cols: tuple[np
     in OpenCV's fixed-point arithmetic: (len(rows[0]), len(cols[0]), C) uint8."""
     ys0, ys1, b0, b1 = rows
     xs0, xs1, a0, a1 = cols
-    # The horizontal pass once per distinct source row: h = src[x0] * a0 + src[x1] * a1, then h >> 4.
-    sources, inverse = np.unique(np.concatenate([ys0, ys1]), return_inverse=True)
-    band = np.take(image, sources, axis=0)
-    h = np.take(band, xs0, axis=1).astype(np.int32)
+    # The horizontal pass once per source row read: h = src[x0] * a0 + src[x1] * a1, then h >> 4. Only the
+    # columns read are copied (a few scattered columns of a tall band, or a few rows of the crop's width).
+    c0, c1 = int(xs0.min()), int(xs1.max()) + 1
+    r0, r1 = int(ys0.min()), int(ys1.max()) + 1
+    needed = np.concatenate([ys0, ys1])
+    if 2 * len(ys0) < r1 - r0:  # few scattered rows: gather them
+        sources, inverse = np.unique(needed, return_inverse=True)
+        band = np.take(image[:, c0:c1], sources, axis=0)
+    else:  # a band of rows: read it in place
+        band, inverse = image[r0:r1, c0:c1], needed - r0
+    h = np.take(band, xs0 - c0, axis=1).astype(np.int32)
     h *= a0[:, None]
-    second = np.take(band, xs1, axis=1).astype(np.int32)
+    second = np.take(band, xs1 - c0, axis=1).astype(np.int32)
     second *= a1[:, None]
     h += second
     h >>= 4
