@@ -91,6 +91,28 @@ def test_long_strips_exercise_the_recomputed_columns():
     assert differ.any()
 
 
+@pytest.mark.parametrize("f", [0.7, 1.1, 1.4, 1.9])
+def test_recomputed_lines_and_origin_spans_are_exact(f, monkeypatch):
+    """Wide crops at the far right and bottom of a 1024x2048-sized frame (thin, to stay small): lines are
+    recomputed (counted) or the region starts at the origin, and the crop equals the whole resize's."""
+    import cwdseg.data.region_resize as rr
+
+    calls = []
+    original = rr.resize_exact
+    monkeypatch.setattr(rr, "resize_exact", lambda *a: calls.append(len(a[1][0]) * len(a[2][0])) or original(*a))
+    for shape in [(24, 2048), (1024, 24)]:
+        image = _structured((*shape, 3), seed=int(f * 10))
+        ref = _reference(image, f, cv2.INTER_LINEAR)
+        rows, cols = min(512, ref.shape[0]), min(512, ref.shape[1])
+        for top, left in [(ref.shape[0] - rows, ref.shape[1] - cols), (0, ref.shape[1] // 2 - cols // 2),
+                          (ref.shape[0] // 2 - rows // 2, 0)]:
+            got = rr.scaled_crop(image, f, top, left, rows, cols)
+            assert np.array_equal(got, ref[top:top + rows, left:left + cols]), (shape, top, left)
+    assert max(calls, default=0) < 512 * 512  # never the whole crop
+    if f != 0.7:  # at 0.7 the span from the origin is the cheaper one for every window here
+        assert calls  # some lines were recomputed
+
+
 def test_scaled_crop_refuses_a_window_outside_the_scaled_image():
     image = np.zeros((10, 10, 3), np.uint8)
     with pytest.raises(ValueError, match="outside"):

@@ -40,6 +40,7 @@ import numpy as np
 COEF_SCALE = 2048  # OpenCV's INTER_RESIZE_COEF_SCALE = 1 << 11
 _MAX_PERIOD = 64  # alignment period searched for f = P / Q; any f is still exact, only slower
 _MAX_FIXUP = 0.25  # above this share of rows + columns to recompute, resize the whole region exactly
+_COLUMN_COST, _ROW_COST = 12.0, 28.0  # recomputing a column / a row costs about this many resized lines
 
 
 def scaled_size(height: int, width: int, f: float) -> tuple[int, int]:
@@ -113,21 +114,44 @@ def resize_exact(image: np.ndarray, rows: tuple[np.ndarray, ...], cols: tuple[np
     return out.astype(np.uint8)
 
 
-def _aligned_span(first: int, stop: int, n_src: int, f: float, period: tuple[int, int]) -> tuple[int, int, int]:
-    """(S0, S_end, D0): a source span whose resize holds output [first, stop) away from its own borders."""
-    p, q = period
-    m = max(0, first // p - 1)  # one period of margin before the crop
-    return q * m, min(n_src, int(stop / f) + 3), p * m
-
-
 def _period(f: float) -> tuple[int, int]:
     frac = Fraction(f).limit_denominator(_MAX_PERIOD)
     return frac.numerator, frac.denominator
 
 
-def _entries(tables: tuple[np.ndarray, ...], lo: int, hi: int, shift: int) -> np.ndarray:
-    s0, s1, w0, w1 = (t[lo:hi] for t in tables)
-    return np.stack([s0 - shift, s1 - shift, w0, w1])
+def _mismatches(full: tuple[np.ndarray, ...], first: int, count: int, n_src: int, f: float, clamp: bool,
+                s0: int, d0: int) -> np.ndarray | None:
+    """Indices (within the crop) whose table entries differ between the whole image's resize and the resize of
+    source span [s0, stop) (stop: a margin past the crop); None when that resize does not cover the crop."""
+    stop = min(n_src, int((first + count) / f) + 3)
+    n_out = int(np.rint((stop - s0) * f))
+    if first + count - d0 > n_out:
+        return None
+    region = linear_tables(stop - s0, n_out, f, clamp)
+    lo = first - d0
+    differ = np.zeros(count, bool)
+    for whole, part, shift in zip(full, region, (s0, s0, 0, 0)):
+        differ |= whole[first:first + count] - shift != part[lo:lo + count]
+    return np.flatnonzero(differ)
+
+
+def _span(full: tuple[np.ndarray, ...], first: int, count: int, n_src: int, f: float, clamp: bool,
+          line_cost: float) -> tuple[int, int, np.ndarray | None]:
+    """(source start, output start, mismatched indices or None) of the cheaper of two spans along one axis.
+
+    Either aligned on a period of ``f`` one period before the crop (little to resize, but the region's
+    float32 coordinates are finer than the whole image's far from the origin, so some lines differ and are
+    recomputed), or from the image's origin (nothing differs, more to resize). ``line_cost``: the cost of
+    recomputing one line, in resized output lines (measured: ~12 for a column, ~28 for a row).
+    """
+    p, q = _period(f)
+    m = max(0, first // p - 1)
+    bad = _mismatches(full, first, count, n_src, f, clamp, q * m, p * m)
+    if m and (bad is None or p * m < line_cost * len(bad)):
+        origin = _mismatches(full, first, count, n_src, f, clamp, 0, 0)
+        if origin is not None and (bad is None or len(origin) < len(bad)):
+            return 0, 0, origin
+    return q * m, p * m, bad
 
 
 def scaled_crop(image: np.ndarray, f: float, top: int, left: int, rows: int, cols: int) -> np.ndarray:
@@ -143,22 +167,13 @@ def scaled_crop(image: np.ndarray, f: float, top: int, left: int, rows: int, col
         return cv2.resize(image, None, fx=f, fy=f, interpolation=cv2.INTER_LINEAR)[top:top + rows, left:left + cols]
     full_y = linear_tables(height, out_h, f, False)
     full_x = linear_tables(width, out_w, f, True)
-    period = _period(f)
-    y0, y_end, dy0 = _aligned_span(top, top + rows, height, f, period)
-    x0, x_end, dx0 = _aligned_span(left, left + cols, width, f, period)
-    region = image[y0:y_end, x0:x_end]
-    reg_h, reg_w = scaled_size(y_end - y0, x_end - x0, f)
-    fits = top + rows - dy0 <= reg_h and left + cols - dx0 <= reg_w and (reg_h, reg_w) != region.shape[:2]
-    if fits:
-        reg_y = linear_tables(y_end - y0, reg_h, f, False)
-        reg_x = linear_tables(x_end - x0, reg_w, f, True)
-        bad_r = np.flatnonzero((_entries(full_y, top, top + rows, y0)
-                                != _entries(reg_y, top - dy0, top - dy0 + rows, 0)).any(0))
-        bad_c = np.flatnonzero((_entries(full_x, left, left + cols, x0)
-                                != _entries(reg_x, left - dx0, left - dx0 + cols, 0)).any(0))
+    y0, dy0, bad_r = _span(full_y, top, rows, height, f, False, _ROW_COST)
+    x0, dx0, bad_c = _span(full_x, left, cols, width, f, True, _COLUMN_COST)
     rows_y = tuple(t[top:top + rows] for t in full_y)
     cols_x = tuple(t[left:left + cols] for t in full_x)
-    if not fits or len(bad_r) + len(bad_c) > _MAX_FIXUP * (rows + cols):
+    region = image[y0:min(height, int((top + rows) / f) + 3), x0:min(width, int((left + cols) / f) + 3)]
+    if (bad_r is None or bad_c is None or scaled_size(*region.shape[:2], f) == region.shape[:2]
+            or len(bad_r) + len(bad_c) > _MAX_FIXUP * (rows + cols)):
         return resize_exact(image, rows_y, cols_x)
     out = cv2.resize(region, None, fx=f, fy=f, interpolation=cv2.INTER_LINEAR)
     out = out[top - dy0:top - dy0 + rows, left - dx0:left - dx0 + cols]
@@ -175,4 +190,5 @@ def scaled_label_crop(label: np.ndarray, f: float, top: int, left: int, rows: in
     out_h, out_w = scaled_size(height, width, f)
     ys = nearest_table(height, out_h, f)[top:top + rows]
     xs = nearest_table(width, out_w, f)[left:left + cols]
-    return label[ys][:, xs]
+    first = int(xs[0])  # the table is non-decreasing: copy only the columns the crop reads
+    return np.take(np.take(label[:, first:int(xs[-1]) + 1], ys, axis=0), xs - first, axis=1)
