@@ -18,8 +18,10 @@ identical outputs. Pipelines:
   (:mod:`cwdseg.data.region_resize`), ``disk cache, uint8`` also leaves the normalisation to the device
   (``uint8_images=True``; its check normalises with ``Normalization.to_float_tensor``, untimed).
 
-Each row gives the median over samples with its spread (IQR and min-max) and its ratio to the PNG path
-(and to the original), with a warning where the spread is larger than the difference. Loader rows time
+Each row gives the median over samples with its spread (IQR and min-max), the median CPU time of the
+calling thread (``CPU ms``: what the sample costs its core, less sensitive to other processes' load than the
+wall time) and its ratio to the PNG path (and to the original), with a warning where the spread is larger than
+the difference. Loader rows time
 ``build_loader`` batches of 8 with ``--workers`` processes in windows of batches after the start-up batches
 (spread over windows); they run one after the other (loaders with their own prefetching workers cannot be interleaved meaningfully).
 Without ``--data-root`` a synthetic dataset of 1024x2048 images (the Cityscapes size) is generated into a
@@ -69,13 +71,24 @@ def _per_sample_group(datasets: dict[str, CityscapesDataset], samples: int, scal
         s = first.samples[index]
         outputs["original"] = original_sample(s.image, s.label, CROP, scale, mirror, np.random.default_rng(seed))
 
+    cpu: dict[str, list[float]] = {name: [] for name in ["original", *datasets]}
+
+    def original_timed(r: int) -> None:
+        start = time.thread_time()
+        original(r)
+        if r >= 0:
+            cpu["original"].append(time.thread_time() - start)
+
     def ours(name: str):
         def fn(r: int) -> None:
+            start = time.thread_time()
             image, label, _ = datasets[name][key(r)]
+            if r >= 0:  # not the warm-up round
+                cpu[name].append(time.thread_time() - start)
             outputs[name] = (image.numpy(), label.numpy())
         return fn
 
-    fns = {"original": original, **{name: ours(name) for name in datasets}}
+    fns = {"original": original_timed, **{name: ours(name) for name in datasets}}
     checked = {"count": 0}
 
     def check_round(r: int) -> None:  # after each timed round, untimed
@@ -102,6 +115,7 @@ def _per_sample_group(datasets: dict[str, CityscapesDataset], samples: int, scal
             "name": f"{name}{tag}", "ms_per_sample": s.as_dict(), "images_per_s": 1e3 / s.median,
             "ratio_to_original": s.median / summaries["original"].median,
             "ratio_to_png": None if png is None else s.median / png.median,
+            "cpu_ms": stats.summarize(cpu[name]).scaled(1e3).median,
             "note": f"1 core, {samples} samples, identical output in all {checked['count']} rounds",
             "warning": warning,
         })
@@ -126,6 +140,7 @@ def _loader_row(ds: CityscapesDataset, workers: int, windows: int, window: int, 
     del iterator, loader
     s = stats.summarize(per_sample).scaled(1e3)
     return {"name": name, "ms_per_sample": s.as_dict(), "images_per_s": 1e3 / s.median, "ratio_to_original": None,
+            "cpu_ms": None,
             "ratio_to_png": None, "warning": None,
             "note": f"{workers} workers, batch {BATCH}, {windows} windows of {window} batches after "
                     f"{max(1, workers * prefetch)} start-up batches"}
@@ -184,14 +199,16 @@ def _run(data_root: str | None, samples: int, workers: int, quick: bool) -> list
 def format_table(rows: list[dict]) -> str:
     """The rows of ``run`` as a text table: median ms/sample with IQR and min-max, ratios, warnings."""
     lines = [f"loader, {CROP[0]}x{CROP[1]} crops, PNG decoder: {_decoder()}",
-             f"{'':46s} {'ms/sample':>9s} {'IQR':>13s} {'min-max':>13s} {'img/s':>7s} {'/PNG':>5s} {'/orig':>5s}  note"]
+             f"{'':46s} {'ms/sample':>9s} {'IQR':>13s} {'min-max':>13s} {'CPU ms':>6s} {'img/s':>7s} {'/PNG':>5s} {'/orig':>5s}  "
+             "note"]
     warnings = []
     for row in rows:
         s = row["ms_per_sample"]
         png = "" if row["ratio_to_png"] is None else f"{row['ratio_to_png']:.3f}"
         orig = "" if row["ratio_to_original"] is None else f"{row['ratio_to_original']:.2f}"
+        cpu = "" if row.get("cpu_ms") is None else f"{row['cpu_ms']:.2f}"
         lines.append(f"{row['name']:46s} {s['median']:9.2f} {s['q1']:6.2f}-{s['q3']:<6.2f} {s['min']:6.2f}-{s['max']:<6.2f} "
-                     f"{row['images_per_s']:7.1f} {png:>5s} {orig:>5s}  {row['note']}")
+                     f"{cpu:>6s} {row['images_per_s']:7.1f} {png:>5s} {orig:>5s}  {row['note']}")
         if row.get("warning"):
             warnings.append(row["warning"])
     for name in ("disk cache +scale+mirror", "disk cache, uint8 +scale+mirror"):
