@@ -209,15 +209,21 @@ def preprocess(
             label_content = cv2.flip(label_content, 1)
 
     padded = rows < crop_h or cols < crop_w
-    planes = cv2.split(content)
-    if rgb:
-        planes = planes[::-1]
-    if uint8_output:
-        out = np.zeros((4, crop_h, crop_w), np.uint8)
-        for channel, plane in enumerate(planes):
-            out[channel, :rows, col0:col0 + cols] = plane
-        out[3, :rows, col0:col0 + cols] = 255
+    if uint8_output and not padded:
+        out = np.empty((4, crop_h, crop_w), np.uint8)
+        cv2.split(content, [out[2], out[1], out[0]] if rgb else [out[0], out[1], out[2]])  # straight into place
+        out[3].fill(255)
+        planes = ()
     else:
+        # Into arrays of our own: cv2.split allocating its outputs costs ~6x the split itself.
+        split = np.empty((3, rows, cols), np.uint8)
+        cv2.split(content, [split[0], split[1], split[2]])
+        planes = split[::-1] if rgb else split
+    if uint8_output and padded:
+        out = np.zeros((4, crop_h, crop_w), np.uint8)
+        out[:3, :rows, col0:col0 + cols] = planes
+        out[3, :rows, col0:col0 + cols] = 255
+    elif not uint8_output:
         out = np.zeros((3, crop_h, crop_w), np.float32) if padded else np.empty((3, crop_h, crop_w), np.float32)
         for channel, plane in enumerate(planes):
             table = mean_lut[channel].reshape(256, 1)
