@@ -113,6 +113,20 @@ def test_recomputed_lines_and_origin_spans_are_exact(f, monkeypatch):
         assert calls  # some lines were recomputed
 
 
+def test_the_model_holds_for_this_opencv_and_its_absence_is_said(monkeypatch):
+    """The per-process self-check passes here; where it would not, preprocess warns and resizes whole images."""
+    import cwdseg.data.transforms as transforms
+
+    assert transforms.model_holds()
+    monkeypatch.setattr(transforms, "model_holds", lambda: False)
+    monkeypatch.setattr(transforms, "_WARNED", [])
+    image, label = next(_raw_pairs(1, seed=2))
+    with pytest.warns(UserWarning, match="resizes whole images"):
+        fast = preprocess(image, label, np.random.default_rng(0), (32, 32), True, True)
+    slow = preprocess(image, label, np.random.default_rng(0), (32, 32), True, True, region_resize=False)
+    assert np.array_equal(fast[0], slow[0]) and np.array_equal(fast[1], slow[1])
+
+
 def test_scaled_crop_refuses_a_window_outside_the_scaled_image():
     image = np.zeros((10, 10, 3), np.uint8)
     with pytest.raises(ValueError, match="outside"):

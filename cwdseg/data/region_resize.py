@@ -5,8 +5,8 @@ the label with ``INTER_NEAREST``) and then crops 512x512 out of it: at ``f = 1.4
 that is 4.1 M resized pixels for 0.26 M kept. :func:`scaled_crop` returns the same crop from the source
 region the crop reads.
 
-Why it is exact. OpenCV's ``INTER_LINEAR`` for uint8 (OpenCV 4.x and 5.x, ``resizeGeneric`` with
-``INTER_RESIZE_COEF_BITS = 11``) is separable and position-independent once two tables are known:
+Why it is exact. OpenCV's ``INTER_LINEAR`` for uint8 (``resizeGeneric`` with ``INTER_RESIZE_COEF_BITS = 11``;
+checked on OpenCV 5.1) is separable and position-independent once two tables are known:
 
 - per output column ``x``: ``c = float32((x + 0.5) * (1/f) - 0.5)``, ``sx = floor(c)``, ``a = c - sx``;
   clamped to ``sx = 0, a = 0`` left of the image and ``sx = W - 1, a = 0`` right of it; weights
@@ -24,7 +24,12 @@ its column's table entries and on the source pixels they name. So the crop is ``
 the crop; the region's tables are compared with the full image's, entry by entry, and the rows and
 columns whose entries differ (the float32 coordinate of a far column rounds more coarsely than the same
 coordinate counted from the region's start) are recomputed by :func:`resize_exact` with the full
-image's tables. Labels are gathered through the full image's nearest-neighbour tables directly.
+image's tables -- or, along an axis where that costs more, the region starts at the image's origin, where
+the tables agree. Labels are gathered through the full image's nearest-neighbour tables directly.
+
+The model is OpenCV's implementation, not its documentation: :func:`model_holds` checks it against the
+installed ``cv2.resize`` once per process, and ``preprocess`` resizes the whole image (with a warning)
+where it does not hold.
 
 One exception: at ``f = 0.5`` exactly, ``cv2.resize`` switches INTER_LINEAR to 2x2 averaging
 (INTER_AREA); :func:`scaled_crop` then resizes the whole image (0.5 is not a scale of the recipe).
@@ -112,6 +117,29 @@ def resize_exact(image: np.ndarray, rows: tuple[np.ndarray, ...], cols: tuple[np
     out += 2
     out >>= 2
     return out.astype(np.uint8)
+
+
+@lru_cache(maxsize=1)
+def model_holds() -> bool:
+    """True when this OpenCV's resize is the fixed-point model above: whole images of two odd sizes at every
+    recipe scale, and crops at the far corner of a wide and a tall strip, against ``cv2.resize`` (~10 ms)."""
+    rng = np.random.default_rng(0)
+    for shape in ((37, 53), (16, 2048), (2048, 12)):
+        image = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+        for step in range(15):
+            f = 0.7 + step / 10.0  # the recipe's factors (transforms.scale_factor)
+            whole = cv2.resize(image, None, fx=f, fy=f, interpolation=cv2.INTER_LINEAR)
+            rows, cols = min(40, whole.shape[0]), min(40, whole.shape[1])
+            top, left = whole.shape[0] - rows, whole.shape[1] - cols
+            if shape == (37, 53) and whole.shape[:2] != shape:
+                exact = resize_exact(image, linear_tables(shape[0], whole.shape[0], f, False),
+                                     linear_tables(shape[1], whole.shape[1], f, True))
+                if not np.array_equal(exact, whole):
+                    return False
+            if not np.array_equal(scaled_crop(image, f, top, left, rows, cols),
+                                  whole[top:top + rows, left:left + cols]):
+                return False
+    return True
 
 
 def _period(f: float) -> tuple[int, int]:

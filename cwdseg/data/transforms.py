@@ -29,6 +29,7 @@ Random draws, in this order, all from one ``numpy.random.Generator``: scale step
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import cv2
@@ -36,7 +37,7 @@ import numpy as np
 import torch
 
 from cwdseg.data.labels import IGNORE_LABEL
-from cwdseg.data.region_resize import scaled_crop, scaled_label_crop, scaled_size
+from cwdseg.data.region_resize import model_holds, scaled_crop, scaled_label_crop, scaled_size
 
 # BGR order, as in the original; there is no division by a standard deviation.
 IMG_MEAN_BGR: tuple[float, float, float] = (104.00698793, 116.66876762, 122.67891434)
@@ -117,6 +118,19 @@ IMAGENET_RGB = Normalization("imagenet_rgb", rgb=True, mean=(123.675, 116.28, 10
 NORMALIZATIONS: dict[str, Normalization] = {n.name: n for n in (CAFFE_BGR, IMAGENET_RGB)}
 
 
+def _region_resize_exact() -> bool:
+    if model_holds():
+        return True
+    if not _WARNED:
+        _WARNED.append(True)
+        warnings.warn(f"OpenCV {cv2.__version__}'s resize differs from the fixed-point model of "
+                      "cwdseg.data.region_resize; the random scale resizes whole images (exact, but slower).")
+    return False
+
+
+_WARNED: list[bool] = []
+
+
 def random_scale_pair(
     image: np.ndarray, label: np.ndarray | None, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -178,7 +192,7 @@ def preprocess(
         raise ValueError("a numpy Generator is needed for random scale, mirror or crop")
 
     f = scale_factor(int(rng.integers(0, SCALE_STEPS))) if random_scale else 1.0
-    by_region = random_scale and region_resize and crop_size is not None
+    by_region = random_scale and region_resize and crop_size is not None and _region_resize_exact()
     if random_scale and not by_region:
         image, label = _resize_pair(image, label, f)
     height, width = scaled_size(*image.shape[:2], f) if by_region else image.shape[:2]
