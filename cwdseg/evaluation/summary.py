@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from cwdseg.distill.registry import PRESETS, spec_run_name
+from cwdseg.engine.compute import logged_training
 from cwdseg.evaluation.stats import LEVEL, Difference, compare_to_baseline, mean_interval, welch_difference
 
 SELECTIONS = {"final": ("eval.json", "final-iteration"),
@@ -43,6 +44,35 @@ class RunResult:
     spec: dict = field(default_factory=dict)
     budget: dict | None = None     # budget.json of a budget-matched grid (cwdseg.engine.grid)
     cost: dict | None = None       # cost.json: what the run spent (cwdseg.engine.compute.RunCost)
+
+
+def _read_json(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise SummaryError(f"{path}: not valid JSON ({exc}); delete it or re-run the job") from None
+
+
+def _no_eval_hint(run_dir: Path, config: dict) -> str:
+    """What to do about a missing final eval.json: evaluate a run trained with --eval False, resume the others."""
+    if config.get("eval") is False:
+        final = run_dir / f"city_{int(config.get('num_steps', 0)) - 1}_G.pth"
+        return ("the run was trained with --eval False, so it has no evaluation; evaluate it with its train.py "
+                "command plus --eval True (the finished steps are not repeated; writes eval.json), or for the "
+                f"numbers alone: python evaluate.py --restore-from {final} --data-dir {config.get('data_dir', 'DATA')} "
+                f"--dataset {config.get('dataset', 'cityscapes')}")
+    return "the run has not finished (re-run it, or the grid, to resume)"
+
+
+def _throughput_and_hours(run_dir: Path, world_size: int) -> tuple[float | None, float | None]:
+    """Mean logged images/s and the training time x processes in hours, from metrics.jsonl
+    (:func:`cwdseg.engine.compute.logged_training`)."""
+    logged = logged_training(run_dir)
+    if logged is None:
+        return None, None
+    return logged["images_per_s"], logged["seconds"] * world_size / 3600
 
 
 def _read_json(path: Path) -> dict | None:
