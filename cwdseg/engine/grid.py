@@ -28,6 +28,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import cwdseg
 from cwdseg.distill.registry import PRESETS, DistillSpecError, parse_distill
+from cwdseg.engine.compute import run_cost_from_folder, write_cost
 
 # Flags the grid sets itself: a job's identity.
 GRID_FLAGS = ("--seed", "--save-dir", "--save-name", "--preset", "--distill", "--student-arch", "--resume")
@@ -226,6 +227,11 @@ def seconds_per_step(run_dir: str | Path) -> float:
     return statistics.median(times[1:])
 
 
+def record_cost(job: GridJob) -> Path:
+    """``cost.json`` of a finished job (cwdseg.engine.compute.RunCost, from its config.json and metrics.jsonl)."""
+    return write_cost(job.run_dir, run_cost_from_folder(job.run_dir))
+
+
 def job_log_path(job: GridJob) -> Path:
     """Where run_local keeps a job's console output: SAVE_DIR/logs/<name>.log (beside the run folder, which a
     job that fails before it starts never creates)."""
@@ -264,12 +270,16 @@ def run_local(jobs: Sequence[GridJob], gpus: int = 1, log: Callable[[str], None]
                   "log": str(job_log_path(job)), "error": None}
         if status == "done":
             log(f"[{i}/{len(jobs)}] {job.name}: finished, skipped")
+            if not (Path(job.run_dir) / "cost.json").exists():
+                record_cost(job)
             results.append(record)
             continue
         log(f"[{i}/{len(jobs)}] {job.name}: {'resuming' if status == 'resume' else 'starting'}")
         start = job_log_path(job).stat().st_size if job_log_path(job).exists() else 0
         rc = _run_logged(train_command(job, gpus), job_log_path(job), log)
         record["returncode"] = rc
+        if rc == 0 and job_status(job) == "done":
+            record_cost(job)
         if rc != 0:
             with open(job_log_path(job)) as f:
                 f.seek(start)
@@ -312,6 +322,7 @@ class TrainJob(_Checkpointable):
             raise RuntimeError(f"{self.job.name}: train.py exited with status {rc}; see {self.job.run_dir}")
         if job_status(self.job) != "done":
             raise RuntimeError(f"{self.job.name}: stopped before the end (last.pth saved); run the grid again to resume")
+        record_cost(self.job)
         return self.job.run_dir
 
     def checkpoint(self, *args: Any, **kwargs: Any):
