@@ -132,6 +132,7 @@ def test_summary_rows_against_scipy(grid):
     assert kd["delta_test"] == "welch" and kd["delta"]["p_value"] == pytest.approx(ref.pvalue, rel=1e-8)
     assert kd["delta_spans_zero"] is True and cwd["delta_spans_zero"] is False
     assert rows["baseline"]["budget_stretch"] == [1.5] and rows["baseline"]["num_steps"] == [150]
+    assert rows["baseline"]["published"] == 69.10 and rows["baseline"]["data"] == ["cityscapes"]
     assert rows["baseline"]["train_flops_per_run"] == 3e15 and cwd["images_seen_per_run"] == 800
     table = to_markdown(summary)
     assert f"spans 0 for {kd['method']}" in table and "×1.5" in table

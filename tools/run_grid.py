@@ -102,7 +102,8 @@ def calibrate_time(a, jobs) -> dict:
     """(method, student) -> measured seconds per step: a --calibration-steps run of each method (first seed)
     in SAVE_DIR/_calibration, logged every step, without evaluation; an earlier finished one is reused."""
     if a.calibration_steps < 2:
-        raise GridError(f"--calibration-steps must be at least 2 (the first step is left out), got {a.calibration_steps}")
+        raise GridError(f"--calibration-steps must be at least 2 (the first step is left out), "
+                        f"got {a.calibration_steps}")
     first = {}
     for job in jobs:
         first.setdefault((job.method, job.student), job)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from cwdseg.distill.registry import PRESETS, spec_run_name
+from cwdseg.data.synthetic import MARKER_FILE as SYNTHETIC_MARKER
 from cwdseg.engine.compute import logged_training
 from cwdseg.evaluation.stats import LEVEL, Difference, compare_to_baseline, mean_interval, welch_difference
 
@@ -42,6 +43,7 @@ class RunResult:
     device: str
     num_steps: int
     spec: dict = field(default_factory=dict)
+    data: str = "cityscapes"       # the dataset's name, or "synthetic" (a cwdseg.data.synthetic copy)
     budget: dict | None = None     # budget.json of a budget-matched grid (cwdseg.engine.grid)
     cost: dict | None = None       # cost.json: what the run spent (cwdseg.engine.compute.RunCost)
 
@@ -137,9 +139,11 @@ def load_run(run_dir: str | Path, selection: str = "final") -> RunResult:
     spec = config.get("distill_terms") or {}
     label = spec_run_name(spec, config.get("preset")) if spec else "baseline"
     rate, hours = _throughput_and_hours(run_dir, int(config.get("world_size", 1)))
+    synthetic = (Path(str(config.get("data_dir", ""))) / SYNTHETIC_MARKER).is_file()
+    data = "synthetic" if synthetic else str(config.get("dataset", "cityscapes"))
     return RunResult(str(run_dir), label, config.get("student_arch", "resnet18"), int(config.get("seed", 0)),
                      100 * float(result["miou"]), rate, hours, str(config.get("device", "?")),
-                     int(config.get("num_steps", 0)), spec, _read_json(run_dir / "budget.json"),
+                     int(config.get("num_steps", 0)), spec, data, _read_json(run_dir / "budget.json"),
                      _read_json(run_dir / "cost.json"))
 
 
@@ -196,7 +200,9 @@ def summarize(runs: Sequence[RunResult], selection: str = "final", paired: bool 
         base = baselines.get(student)
         diff = None if base is None or spec == "{}" else _difference(members, base, paired)
         label = members[0].label
-        preset = PRESETS.get(label)
+        data = sorted({m.data for m in members})
+        # The paper's figures are Cityscapes val: shown only beside runs on Cityscapes itself.
+        preset = PRESETS.get(label) if data == ["cityscapes"] else None
         rates = [m.images_per_s for m in members if m.images_per_s is not None]
         hours = [m.device_hours for m in members if m.device_hours is not None]
         rows.append({
@@ -209,7 +215,7 @@ def summarize(runs: Sequence[RunResult], selection: str = "final", paired: bool 
             "delta": None if diff is None else diff.to_json(),
             "published": preset.published if preset else None,
             "paper_row": f"{preset.method}, {preset.map}" if preset else None,
-            "seeds": [m.seed for m in members], "miou_runs": values,
+            "seeds": [m.seed for m in members], "miou_runs": values, "data": data,
             "images_per_s": statistics.fmean(rates) if rates else None,
             "device_hours_per_run": statistics.fmean(hours) if hours else None,
             "device_hours_total": sum(hours) if hours else None,
@@ -236,8 +242,9 @@ def _fmt_interval(ci: list[float] | None, signed: bool = False) -> str:
 def to_markdown(summary: dict[str, Any]) -> str:
     sel = summary["selection"]
     rows = summary["rows"]
-    lines = [f"Val mIoU (%), checkpoint: **{sel}**; n runs (seeds), mean ± sample std, 95 % CI of the mean; "
-             "Δ: difference to the same-grid baseline with its 95 % CI.", "",
+    data = sorted({d for r in rows for d in r.get("data", [])})
+    lines = [f"Val mIoU (%) on {', '.join(data)}, checkpoint: **{sel}**; n runs (seeds), mean ± sample std, "
+             "95 % CI of the mean; Δ: difference to the same-grid baseline with its 95 % CI.", "",
              "| method | student | n | mIoU mean ± std | 95 % CI | Δ vs baseline | Δ 95 % CI | test | paper | steps "
              "| stretch | train PFLOP/run | images/s | device-h per run | device-h total | seeds |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -249,7 +256,8 @@ def to_markdown(summary: dict[str, Any]) -> str:
         lines.append(
             f"| {r['method']} | {r['student']} | {r['n']} | {miou} | {_fmt_interval(r['miou_ci95'])} | {delta} | "
             f"{_fmt_interval(r['delta_ci95'], signed=True)} | {r['delta_test'] or '—'} | {_fmt(r['published'])} | "
-            f"{', '.join(map(str, r['num_steps']))} | {stretch} | {_fmt(pflop, '.4g')} | {_fmt(r['images_per_s'], '.1f')} | "
+            f"{', '.join(map(str, r['num_steps']))} | {stretch} | {_fmt(pflop, '.4g')} | "
+            f"{_fmt(r['images_per_s'], '.1f')} | "
             f"{_fmt(r['device_hours_per_run'], '.3g')} | {_fmt(r['device_hours_total'], '.3g')} | "
             f"{', '.join(map(str, r['seeds']))} |")
     spans = [r["method"] for r in rows if r.get("delta_spans_zero")]
@@ -270,10 +278,11 @@ def plot_summary(summary: dict[str, Any], path: str | Path) -> None:
     from cwdseg.viz.seeds import plot_seed_dots
 
     rows = summary["rows"]
+    data = ", ".join(sorted({d for r in rows for d in r["data"]}))
     several = len({r["student"] for r in rows}) > 1
     plot_seed_dots([{"label": r["method"] + (f"\n{r['student']}" if several else ""), "values": r["miou_runs"],
                      "mean": r["miou_mean"], "ci": r["miou_ci95"], "reference": r["published"]} for r in rows],
-                   path, ylabel="val mIoU (%)", title=f"checkpoint: {summary['selection']}; mean and 95 % CI",
+                   path, ylabel="val mIoU (%)", title=f"{data}; checkpoint: {summary['selection']}; mean and 95 % CI",
                    reference_label="paper")
 
 

@@ -42,11 +42,12 @@ def plot_seed_dots(groups: Sequence[dict[str, Any]], out_png: str | Path, ylabel
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels([g["label"] for g in groups], rotation=30, ha="right", fontsize=8)
     ax.set_xlim(-0.6, len(groups) - 0.4)
+    ax.margins(y=0.12)  # room for the n= labels above the intervals
     ax.set_ylabel(ylabel)
     if title:
-        ax.set_title(title, fontsize=9)
+        ax.set_title(title, fontsize=8)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="best", framealpha=0.6)
     fig.tight_layout()
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
