@@ -77,51 +77,6 @@ def _throughput_and_hours(run_dir: Path, world_size: int) -> tuple[float | None,
     return logged["images_per_s"], logged["seconds"] * world_size / 3600
 
 
-def _read_json(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise SummaryError(f"{path}: not valid JSON ({exc}); delete it or re-run the job") from None
-
-
-def _no_eval_hint(run_dir: Path, config: dict) -> str:
-    """What to do about a missing final eval.json: evaluate a run trained with --eval False, resume the others."""
-    if config.get("eval") is False:
-        final = run_dir / f"city_{int(config.get('num_steps', 0)) - 1}_G.pth"
-        return ("the run was trained with --eval False, so it has no evaluation; evaluate it with its train.py "
-                "command plus --eval True (the finished steps are not repeated; writes eval.json), or for the "
-                f"numbers alone: python evaluate.py --restore-from {final} --data-dir {config.get('data_dir', 'DATA')} "
-                f"--dataset {config.get('dataset', 'cityscapes')}")
-    return "the run has not finished (re-run it, or the grid, to resume)"
-
-
-def _throughput_and_hours(run_dir: Path, world_size: int) -> tuple[float | None, float | None]:
-    """Mean logged images/s (the first line, which holds start-up, left out when there are others) and
-    the training time from metrics.jsonl: sum over log lines of iteration time x steps in the line's
-    window, times the number of processes. After a resume a step logged twice counts once (the last)."""
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return None, None
-    records: dict[int, dict] = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            rec = json.loads(line)
-            if "step" in rec and "iter_ms" in rec:
-                records[int(rec["step"])] = rec
-    if not records:
-        return None, None
-    steps = sorted(records)
-    seconds, prev = 0.0, -1
-    for step in steps:
-        seconds += records[step]["iter_ms"] / 1000 * (step - prev)
-        prev = step
-    rates = [records[s]["images_per_s"] for s in steps]
-    rate = statistics.fmean(rates[1:] if len(rates) > 1 else rates)
-    return rate, seconds * world_size / 3600
-
-
 def load_run(run_dir: str | Path, selection: str = "final") -> RunResult:
     run_dir = Path(run_dir)
     file, tag = SELECTIONS[selection]

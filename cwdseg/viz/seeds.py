@@ -8,6 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
+from cwdseg.viz.bars import save_figure
+
 
 def plot_seed_dots(groups: Sequence[dict[str, Any]], out_png: str | Path, ylabel: str = "value",
                    title: str = "", reference_label: str = "reference") -> Path:
@@ -48,9 +50,4 @@ def plot_seed_dots(groups: Sequence[dict[str, Any]], out_png: str | Path, ylabel
         ax.set_title(title, fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7, loc="best", framealpha=0.6)
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=120)
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png, dpi=120)
