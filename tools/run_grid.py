@@ -68,6 +68,9 @@ def plan(argv: list[str]) -> tuple[argparse.Namespace, list]:
     methods = list(TABLE2) if a.table2 else a.methods
     if not methods:
         parser.error("give --methods or --table2")
+    if a.budget == "time" and a.launcher == "slurm":
+        parser.error("--budget time times each method on this machine, not on the cluster's nodes; "
+                     "use --budget flops with --launcher slurm")
     try:
         jobs = plan_grid(methods, a.seeds, a.save_dir, train_args, a.students)
         if a.budget == "flops":
@@ -139,11 +142,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"run_grid.py: error: {exc}", file=sys.stderr)
             return 2
     write_manifest(jobs, a.save_dir, budget_files=not a.dry_run)
-    if a.budget != "iterations":
-        for job in jobs:
-            b = job.budget or {}
-            print(f"budget {a.budget}: {job.name}: {b.get('steps')} steps (x{b.get('stretch', 1):.4g} of "
-                  f"{b.get('base_steps')}), {b.get('per_step', 0):.4g} {b.get('unit')}/step")
+    if a.budget == "time" and a.dry_run:
+        print("budget time: the steps are set when the grid runs, after a calibration run of each method")
+    for job in jobs:
+        if job.budget is not None:
+            b = job.budget
+            print(f"budget {a.budget}: {job.name}: {b['steps']} steps (x{b['stretch']:.4g} of {b['base_steps']}), "
+                  f"{b['per_step']:.4g} {b['unit']}/step")
     if a.dry_run:
         from cwdseg.engine.grid import job_status, train_command
 
