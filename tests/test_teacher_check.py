@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from cwdseg.evaluation.loop import build_eval_dataset, load_model
-from cwdseg.evaluation.teacher_check import FLOOR, MARGIN, TeacherCheckError, check_teacher, default_threshold
+from cwdseg.evaluation.teacher_check import FLOOR, MARGIN, TeacherCheckError, check_teacher, default_threshold, \
+    run_threshold
 from cwdseg.models import NORMALIZATION
 from cwdseg.data.transforms import NORMALIZATIONS
 from tests.factories import write_legacy_teacher
@@ -27,6 +28,13 @@ def test_thresholds():
     assert default_threshold("deeplabv3_resnet101", "cityscapes", 19)[0] == pytest.approx(78.07 - MARGIN)
     assert default_threshold("pspnet_resnet101", "ade20k", 150)[0] == FLOOR  # the figure is Cityscapes'
     assert default_threshold("pspnet_resnet18", "cityscapes", 19)[0] == FLOOR
+
+
+def test_run_threshold(val_set, tmp_path):
+    assert run_threshold("pspnet_resnet101", "cityscapes", 19, tmp_path)[0] == pytest.approx(78.56 - MARGIN)
+    assert run_threshold("pspnet_resnet101", "cityscapes", 19, tmp_path, override=0.0) == (0.0, "--teacher-min-miou")
+    (tmp_path / "synthetic.json").write_text("{}")  # a synthetic Cityscapes copy: no published figure applies
+    assert run_threshold("pspnet_resnet101", "cityscapes", 19, tmp_path)[0] == FLOOR
 
 
 def test_random_weights_teacher_file_is_stopped_and_the_override_passes(val_set, tmp_path):

@@ -19,11 +19,14 @@ check is still logged), ``--teacher-check-images 0`` skips it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
+
+from cwdseg.data.synthetic import MARKER_FILE as SYNTHETIC_MARKER
 
 MARGIN = 5.0      # points under the published figure that still pass
 FLOOR = 10.0      # the threshold of a teacher with no published figure
@@ -63,6 +66,18 @@ def default_threshold(arch: str, dataset: str, num_classes: int) -> tuple[float,
     if known is not None:
         return known.published - MARGIN, f"published {known.published:.2f} - {MARGIN:g} ({known.source})"
     return FLOOR, f"no published figure for {arch} on {dataset}: the floor for a trained network"
+
+
+def run_threshold(arch: str, dataset: str, num_classes: int, data_dir: str | Path,
+                  override: float | None = None) -> tuple[float, str]:
+    """The threshold of a training run: ``override`` (``--teacher-min-miou``) when given, else
+    :func:`default_threshold`, where a synthetic copy of a layout (``cwdseg.data.synthetic``'s marker file in
+    ``data_dir``) has no published figure."""
+    if override is not None:
+        return float(override), "--teacher-min-miou"
+    if (Path(data_dir) / SYNTHETIC_MARKER).is_file():
+        dataset = "synthetic"
+    return default_threshold(arch, dataset, num_classes)
 
 
 def _first_images(data: Dataset | DataLoader, num_images: int) -> DataLoader:
