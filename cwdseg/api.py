@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from cwdseg.checkpoint import CheckpointError
+from cwdseg.config import RunConfig
 from cwdseg.data.labels import CLASS_NAMES, NUM_CLASSES, TRAIN_ID_COLORS
 from cwdseg.data.transforms import NORMALIZATIONS, Normalization
 from cwdseg.engine.distributed import resolve_device
@@ -36,7 +37,7 @@ from cwdseg.evaluation.loop import EvaluationError, _as_amp_dtype, build_eval_da
 from cwdseg.evaluation.media import read_image
 from cwdseg.export.normalization import from_dict, to_dict
 
-__all__ = ["load", "evaluate", "evaluate_split", "Segmenter", "SegClass", "load_network", "class_table", "class_entries"]
+__all__ = ["load", "evaluate", "train", "evaluate_split", "Segmenter", "SegClass", "load_network", "class_table", "class_entries"]
 
 Image = Union[np.ndarray, str, os.PathLike]
 
@@ -289,3 +290,21 @@ def evaluate_split(seg: Segmenter, data_dir: str | os.PathLike, *, dataset: str 
     results["data"] = {"dataset": dataset, "data_dir": str(Path(data_dir).resolve()), "data_list": data_list,
                        "max_images": max_images}
     return results, data
+
+
+def train(config: RunConfig | dict | str | os.PathLike, *, resume: str | os.PathLike | None = None,
+          force: bool = False) -> Path:
+    """Train the run ``config`` (a :class:`cwdseg.config.RunConfig`, its dict, or a recipe file; resolved and
+    checked as ``train.py --config`` resolves it) and return its run folder. The same run as ``train.py``
+    with the same settings, bit for bit; a finished run is not trained again unless ``force``; ``resume``
+    continues from that ``last.pth`` (default: the folder's own, when it exists). Raises the one-line
+    errors of ``train.py`` as exceptions (``cwdseg.config.ConfigError``, ``CheckpointError``, ...)."""
+    from cwdseg.cli.train import main, resolve_config_data
+    from cwdseg.engine.distributed import cleanup
+
+    cfg = resolve_config_data(config)
+    try:
+        main(cfg=cfg, resume=None if resume is None else str(resume), force=force)
+    finally:
+        cleanup()
+    return cfg.run_dir

@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from cwdseg.engine.compute import logged_training, run_cost, run_cost_from_folder, step_cost, step_cost_of_settings
+from cwdseg.config import CONFIG_FORMAT, RunConfig, from_dict, to_dict
+from cwdseg.engine.compute import logged_training, run_cost, run_cost_from_folder, step_cost, step_cost_of_config
 from cwdseg.models import build_model
 from cwdseg.models.connector import FeatureConnector
 from cwdseg.models.summary import training_step_flops
@@ -77,10 +78,15 @@ def test_run_cost_is_the_step_cost_times_the_schedule(macs):
 
 def test_run_cost_from_a_run_folder(macs, tmp_path):
     student, teacher = macs
-    config = {"student_arch": "resnet18", "teacher_arch": "resnet18", "input_size": list(CROP), "batch_size": 2,
-              "num_steps": 5, "world_size": 2, "num_classes": 19,
-              "distill_terms": {"cwd_feat": {"weight": 3.0, "on": "feature"}, "ifvd": {"weight": 200.0}}}
-    (tmp_path / "config.json").write_text(json.dumps(config))
+    config = to_dict(RunConfig())
+    config["models"].update(student_arch="pspnet_resnet18", teacher_arch="pspnet_resnet18")
+    config["data"].update(crop_size=list(CROP), num_classes=19)
+    config["optim"].update(batch_size=2, num_steps=5)
+    config["distill"]["terms"] = {"cwd_feat": {"weight": 3.0, "on": "feature", "tau": 4.0, "norm": "channel",
+                                               "div": "kl", "ignore_mask": False},
+                                  "ifvd": {"weight": 200.0, "on": "logits"}}
+    (tmp_path / "config.json").write_text(json.dumps({"format": CONFIG_FORMAT, "config": config,
+                                                      "environment": {"world_size": 2}}))
     lines = [dict(step=0, iter_ms=900.0, images_per_s=1.0, peak_mem_mb=10.0),
              dict(step=4, iter_ms=100.0, images_per_s=20.0, peak_mem_mb=12.5)]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
@@ -92,4 +98,5 @@ def test_run_cost_from_a_run_folder(macs, tmp_path):
     assert cost.device_seconds == pytest.approx(2 * (0.9 + 4 * 0.1))  # x 2 processes
     assert cost.peak_memory_bytes == int(12.5 * 2 ** 20)
     assert logged_training(tmp_path)["images_per_s"] == 20.0
-    assert step_cost_of_settings(config | {"distill_terms": {}}).teacher_forward_macs == 0
+    baseline = dict(config, distill={"preset": None, "terms": {}})
+    assert step_cost_of_config(from_dict(baseline)).teacher_forward_macs == 0

@@ -29,8 +29,8 @@ import sys
 from dataclasses import replace
 
 from cwdseg.distill.registry import PRESETS, TABLE2
-from cwdseg.engine.compute import step_cost_of_settings
-from cwdseg.engine.grid import BUDGETS, GridError, apply_budget, flag_value, make_executor, plan_grid, run_local, \
+from cwdseg.engine.compute import step_cost_of_config
+from cwdseg.engine.grid import BUDGETS, GridError, apply_budget, make_executor, plan_grid, run_local, \
     seconds_per_step, submit, with_num_steps, write_manifest
 from cwdseg.evaluation.summary import SummaryError, load_run, summarize, to_markdown, write_summary
 
@@ -81,15 +81,15 @@ def plan(argv: list[str]) -> tuple[argparse.Namespace, list]:
         parser.error(str(exc))
 
 
-def job_settings(train_args) -> dict:
-    """train.py's resolved arguments for ``train_args`` (architectures, crop, batch, steps, spec)."""
-    from cwdseg.cli.train import resolve_args
+def job_config(train_args):
+    """train.py's resolved configuration for ``train_args`` (architectures, crop, batch, steps, spec)."""
+    from cwdseg.cli.train import resolve_config
 
-    return vars(resolve_args(list(train_args)))
+    return resolve_config(list(train_args))
 
 
 def base_steps(job) -> int:
-    return int(job_settings(job.train_args)["num_steps"])
+    return job_config(job.train_args).optim.num_steps
 
 
 def flops_per_step(jobs) -> dict:
@@ -97,7 +97,7 @@ def flops_per_step(jobs) -> dict:
     costs = {}
     for job in jobs:
         if (job.method, job.student) not in costs:
-            costs[(job.method, job.student)] = step_cost_of_settings(job_settings(job.train_args)).flops_per_step
+            costs[(job.method, job.student)] = step_cost_of_config(job_config(job.train_args)).flops_per_step
     return costs
 
 

@@ -23,7 +23,7 @@ from typing import Any
 from cwdseg import checkpoint as ckpt
 from cwdseg.cli.checks import train_value_errors
 from cwdseg.cli.train_config import RECIPE_NAMES, build_config, config_yaml, default_for, with_dataset_classes
-from cwdseg.config import ConfigError, RunConfig
+from cwdseg.config import ConfigError, RunConfig, to_dict
 from cwdseg.data import DatasetError
 from cwdseg.data.registry import DATASETS
 from cwdseg.data.transforms import NORMALIZATIONS
@@ -33,14 +33,16 @@ from cwdseg.engine.build import RANDOM, build_criteria, build_engine, build_mode
     model_pair_problems
 from cwdseg.engine.distributed import DeviceError, barrier, cleanup, init_distributed
 from cwdseg.engine.precision import AMP_CHOICES
-from cwdseg.engine.run import RunSetupError, Validation, build_train_loader, build_train_set, finish_run, \
-    log_model_pair, next_micro_batches, per_rank_batch, prepare_demo_data, resume_step, seed_everything, \
-    student_meta, write_config
+from cwdseg.engine.run import RunSetupError, Validation, build_train_loader, build_train_set, build_trackers, \
+    check_teacher_first, finish_run, log_model_pair, next_micro_batches, per_rank_batch, prepare_demo_data, \
+    removed_on_failure, resume_step, seed_everything, student_meta, write_config
 from cwdseg.engine.runlog import RunLog, StepWindow, peak_tflops
 from cwdseg.engine.signals import STOP_SIGNAL_CHOICES, StopRequest, resume_hint
 from cwdseg.engine.state import check_input_files, save_last
 from cwdseg.engine.step import poly_lr, set_lr, train_step
+from cwdseg.engine.trackers import TrackerError, log_to_arg
 from cwdseg.evaluation.loop import EvaluationError
+from cwdseg.evaluation.teacher_check import TeacherCheckError
 from cwdseg.models import ARCH_NAMES
 from cwdseg.models.summary import training_step_flops
 
@@ -182,7 +184,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval", **flag, help="evaluate the final student on val")
     g.add_argument("--resume", help="resume from this last.pth; none: SAVE_DIR/SAVE_NAME/last.pth when it exists")
     g.add_argument("--log-every", type=int, help="steps between metric lines")
-    g.add_argument("--log-to", type=lambda v: [t for t in v.split(",") if t], metavar="TRACKERS",
+    g.add_argument("--log-to", type=log_to_arg, metavar="TRACKERS",
                    help="also log to tensorboard,mlflow,wandb (any subset; metrics.jsonl is always written)")
     g.add_argument("--teacher-check-images", type=int,
                    help="evaluate the teacher on the first N val images before the first step (0: off)")
@@ -237,23 +239,45 @@ def resolve_config(argv: list[str] | None = None) -> RunConfig:
         cfg = build_config(typed)
     except (ConfigError, DistillSpecError, DatasetError, DeviceError) as exc:
         parser.error(str(exc))
-    errors = model_pair_problems(cfg)
-    if typed.get("cwd_feat") and not typed.get("cwd"):
-        errors.append("--cwd-feat True needs --cwd True (it selects where CWD is applied)")
-    if typed.get("divergence") == "mse" and typed.get("temperature", 1.0) != 1.0:
-        print(f"note: --divergence mse uses temperature 1 (as the original); --temperature {typed['temperature']} ignored")
-    errors += train_value_errors(cfg, typed)
+    errors = config_errors(cfg, typed)
     if errors:
         parser.error("; ".join(errors))
     return cfg
 
 
+def resolve_config_data(data: RunConfig | dict | str | os.PathLike) -> RunConfig:
+    """A configuration given in Python (a RunConfig, its dict, or a recipe file), resolved as train.py
+    resolves ``--config``: missing fields filled, every value checked (ConfigError, one line)."""
+    typed = {"config": [str(data)]} if isinstance(data, (str, os.PathLike)) else \
+        {"config_data": [to_dict(data) if isinstance(data, RunConfig) else dict(data)]}
+    try:
+        cfg = build_config(typed)
+    except (DistillSpecError, DatasetError, DeviceError) as exc:
+        raise ConfigError(str(exc)) from None
+    errors = config_errors(cfg, typed)
+    if errors:
+        raise ConfigError("; ".join(errors))
+    return cfg
+
+
+def config_errors(cfg: RunConfig, typed: dict[str, Any]) -> list[str]:
+    """Every problem of a resolved configuration (and of the original flags as typed), one line each."""
+    errors = model_pair_problems(cfg)
+    if typed.get("cwd_feat") and not typed.get("cwd"):
+        errors.append("--cwd-feat True needs --cwd True (it selects where CWD is applied)")
+    if typed.get("divergence") == "mse" and typed.get("temperature", 1.0) != 1.0:
+        print(f"note: --divergence mse uses temperature 1 (as the original); --temperature {typed['temperature']} ignored")
+    return errors + train_value_errors(cfg, typed)
+
+
 # --------------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------------
-def main(argv: list[str] | None = None, cfg: RunConfig | None = None) -> int:
-    """Train the run ``cfg`` (default: resolved from ``argv``); ``--resume``/``--force`` act on this call only."""
-    typed = typed_flags(argv) if cfg is None else {}
+def main(argv: list[str] | None = None, cfg: RunConfig | None = None, resume: str | None = None,
+         force: bool = False) -> int:
+    """Train the run ``cfg`` (a resolved configuration; default: resolved from ``argv``). ``--resume`` and
+    ``--force`` (or ``resume``/``force``) act on this call only, they are not part of the run."""
+    typed = typed_flags(argv) if cfg is None else {"resume": resume, "force": force}
     if typed.get("print_config"):
         print(config_yaml(resolve_config(argv)), end="")
         return 0
@@ -268,6 +292,7 @@ def main(argv: list[str] | None = None, cfg: RunConfig | None = None) -> int:
     per_rank = per_rank_batch(cfg, info)
     check_input_files(cfg)
     train_set = build_train_set(cfg, info)  # the data and the weight files are checked before the run folder exists
+    created = not run_dir.exists()
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     barrier()
@@ -281,24 +306,29 @@ def main(argv: list[str] | None = None, cfg: RunConfig | None = None) -> int:
         log(f"batch {o.batch_size} per step = {info.world_size} process(es) x {o.grad_accum} micro-batch(es) "
             f"x {per_rank} images (the recipe's effective batch is kept)")
 
-    # build -> resume
-    models = build_models(cfg, info, log)
-    criteria, weights = build_criteria(cfg)
-    log_model_pair(cfg, log)
-    opt_g, opt_d = build_optimizers(cfg, models)
-    start_step = resume_step(cfg, typed.get("resume"), run_dir, models, opt_g, opt_d, engine, log)
-    if info.is_main:
-        write_config(cfg, info, run_dir, per_rank, start_step)
+    # build -> resume (a fresh folder that a failed start created is removed again)
+    with removed_on_failure(run_dir, created, info):
+        models = build_models(cfg, info, log)
+        criteria, weights = build_criteria(cfg)
+        log_model_pair(cfg, log)
+        opt_g, opt_d = build_optimizers(cfg, models)
+        start_step = resume_step(cfg, typed.get("resume"), run_dir, models, opt_g, opt_d, engine, log)
+        if info.is_main:
+            write_config(cfg, info, run_dir, per_rank, start_step)
+            if start_step == 0:
+                check_teacher_first(cfg, models, engine, run_dir, log)
+        barrier()
+    trackers = build_trackers(cfg, run_dir, start_step, info)
     loader = build_train_loader(cfg, train_set, info, per_rank, start_step)
     stop = StopRequest().install(cfg.output.stop_signal)
     flops = training_step_flops(cfg.models.student_arch, cfg.models.teacher_arch if models.teacher else None,
                                 cfg.data.crop_size, o.batch_size)
-    validation = Validation(cfg, run_dir)
+    validation = Validation(cfg, run_dir, trackers)
     last_path = run_dir / "last.pth"
 
     # loop
     log.close()
-    log = RunLog(run_dir, o.num_steps, start_step, enabled=info.is_main)
+    log = RunLog(run_dir, o.num_steps, start_step, enabled=info.is_main, trackers=trackers)
     window = StepWindow(o.batch_size, flops, peak_tflops(info.device))
     data_iter = iter(loader) if start_step < o.num_steps else None
     step, log_every = start_step, cfg.output.log_every
@@ -306,7 +336,7 @@ def main(argv: list[str] | None = None, cfg: RunConfig | None = None) -> int:
         while step < o.num_steps:
             lr_g = set_lr(opt_g, opt_d, o, step)
             t0 = time.perf_counter()
-            micro = next_micro_batches(data_iter, o.grad_accum, engine)
+            micro = next_micro_batches(data_iter, o.grad_accum, engine, train_set.normalization)
             window.data_seconds += time.perf_counter() - t0
             terms = train_step(micro, models, criteria, weights, opt_g, opt_d, engine)
             step += 1
@@ -344,7 +374,7 @@ def cli(argv: list[str] | None = None) -> int:
     try:
         return main(argv)
     except (ckpt.CheckpointError, DatasetError, DeviceError, EvaluationError, runlock.RunLockError,
-            RunSetupError, ConfigError) as exc:
+            RunSetupError, ConfigError, TeacherCheckError, TrackerError) as exc:
         print(f"train.py: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

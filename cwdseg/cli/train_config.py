@@ -314,6 +314,7 @@ def build_config(typed: dict[str, Any]) -> RunConfig:
     """The resolved :class:`RunConfig` from the typed flags (``vars`` of the parsed arguments, only
     the flags given) and the layers they name."""
     file_layers = [(f"--config {p}", read_config_file(p)) for p in typed.get("config") or []]
+    file_layers += [("the configuration given", data) for data in typed.get("config_data") or []]
     if typed.get("recipe"):
         file_layers.append((f"--recipe {typed['recipe']}", named_layer("recipe", typed["recipe"])))
     demo = bool(typed.get("demo"))

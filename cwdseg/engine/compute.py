@@ -22,11 +22,11 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Mapping
 
 from torch import nn
 
+from cwdseg.config import RunConfig, from_dict
 from cwdseg.models import output_size
 from cwdseg.models.summary import arch_macs, conv_macs_by_module
 
@@ -153,30 +153,29 @@ def logged_training(run_dir: str | Path) -> dict[str, Any] | None:
     return {"seconds": seconds, "images_per_s": sum(rates) / len(rates), "peak_mem_mb": max(peaks) if peaks else None}
 
 
-def step_cost_of_settings(settings: Mapping[str, Any]) -> StepCost:
-    """The step cost of a run's settings (train.py's resolved arguments or its config.json: ``student_arch``,
-    ``teacher_arch``, ``input_size``, ``batch_size``, ``distill_terms``, ``num_classes``); the
+def step_cost_of_config(cfg: RunConfig) -> StepCost:
+    """The step cost of a run configuration (architectures, crop, batch, distillation terms, classes); the
     connectors are built as train.py builds them (``cwdseg.engine.build.build_connectors``)."""
     from cwdseg.engine.build import build_connectors
 
-    spec = settings.get("distill_terms") or {}
-    student = settings.get("student_arch") or "resnet18"
-    teacher = settings.get("teacher_arch") if spec else None
-    connectors = build_connectors(SimpleNamespace(distill_terms=spec, teacher_arch=teacher), student) if spec else None
-    return step_cost(student, teacher, tuple(settings["input_size"]), int(settings["batch_size"]), connectors,
-                     int(settings.get("num_classes") or 19))
+    m = cfg.models
+    teacher = m.teacher_arch if cfg.needs_teacher else None
+    connectors = build_connectors(cfg) if cfg.needs_teacher else None
+    return step_cost(m.student_arch, teacher, tuple(cfg.data.crop_size), cfg.optim.batch_size, connectors,
+                     cfg.data.num_classes or 19)
 
 
 def run_cost_from_folder(run_dir: str | Path) -> RunCost:
     """The cost of a finished run, from its config.json (architectures, crop, batch, steps, spec) and
     metrics.jsonl (time, memory)."""
-    config = json.loads((Path(run_dir) / "config.json").read_text())
-    step = step_cost_of_settings(config)
+    record = json.loads((Path(run_dir) / "config.json").read_text())
+    cfg = from_dict(record["config"])
+    step = step_cost_of_config(cfg)
     logged = logged_training(run_dir)
-    world = int(config.get("world_size", 1))
+    world = int(record.get("environment", {}).get("world_size", 1))
     seconds = None if logged is None else logged["seconds"] * world
     peak = None if logged is None or logged["peak_mem_mb"] is None else int(logged["peak_mem_mb"] * 2 ** 20)
-    return run_cost(step, int(config["num_steps"]), seconds, peak)
+    return run_cost(step, cfg.optim.num_steps, seconds, peak)
 
 
 def write_cost(run_dir: str | Path, cost: RunCost) -> Path:

@@ -2,8 +2,10 @@
 the demo data, resume, the config record, the train loader, validation and the final save/evaluation."""
 from __future__ import annotations
 
+import contextlib
 import json
 import random
+import shutil
 import sys
 from pathlib import Path
 
@@ -15,12 +17,18 @@ from cwdseg.config import RunConfig, to_dict
 from cwdseg.data.cityscapes import build_loader
 from cwdseg.data.registry import build_dataset, dataset_info
 from cwdseg.data.sampling import TrainSampleStream
-from cwdseg.data.transforms import NORMALIZATIONS
+from cwdseg.data.transforms import NORMALIZATIONS, Normalization
 from cwdseg.engine.build import Engine, Models, maps_differ
 from cwdseg.engine.distributed import DistInfo, barrier
 from cwdseg.engine.runlog import code_version
+from cwdseg.data.errors import DatasetError
+from cwdseg.engine.build import RANDOM
+from cwdseg.engine.compute import run_cost_from_folder, write_cost
+from cwdseg.engine.precision import amp_dtype
 from cwdseg.engine.state import load_last, write_config as record_config
-from cwdseg.evaluation.loop import build_eval_dataset, build_eval_loader, evaluate_model
+from cwdseg.engine.trackers import Trackers, prediction_panels
+from cwdseg.evaluation.loop import EvaluationError, build_eval_dataset, build_eval_loader, evaluate_model
+from cwdseg.evaluation.teacher_check import check_teacher, run_threshold
 
 class RunSetupError(RuntimeError):
     """A run that cannot be set up as asked (the batch split, a missing --resume file), with the fix."""
@@ -106,6 +114,7 @@ def build_train_set(cfg: RunConfig, info: DistInfo):
         random_scale=d.random_scale, random_mirror=d.random_mirror, ignore_label=d.ignore_label,
         cache_images=d.cache_images, verbose=info.is_main, image_cache=d.image_cache,
         normalization=NORMALIZATIONS[cfg.models.student_normalization],
+        uint8_images=True,  # batches travel as uint8 and are normalised on the device (next_micro_batches)
     )
 
 
@@ -117,15 +126,18 @@ def build_train_loader(cfg: RunConfig, train_set, info: DistInfo, per_rank: int,
                         drop_last=True, generator=torch.Generator().manual_seed(cfg.optim.seed))
 
 
-def next_micro_batches(data_iter, grad_accum: int, engine: Engine) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``grad_accum`` (images, labels) pairs, on the device in the engine's memory format."""
+def next_micro_batches(data_iter, grad_accum: int, engine: Engine,
+                       normalization: Normalization) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``grad_accum`` (images, labels) pairs, on the device in the engine's memory format. Images arrive as
+    uint8 (picture + content mask, a quarter of float32's bytes) and are normalised on the device, equal
+    bit for bit to the loader's float32 normalisation (``Normalization.to_float_tensor``)."""
     non_blocking = engine.device.type == "cuda"
     mem = torch.channels_last if engine.channels_last else torch.contiguous_format
     micro = []
     for _ in range(grad_accum):
         images, labels, _names = next(data_iter)
-        micro.append((images.to(engine.device, non_blocking=non_blocking, memory_format=mem),
-                      labels.to(engine.device, non_blocking=non_blocking).long()))
+        images = normalization.to_float_tensor(images.to(engine.device, non_blocking=non_blocking))
+        micro.append((images.contiguous(memory_format=mem), labels.to(engine.device, non_blocking=non_blocking).long()))
     return micro
 
 
@@ -137,11 +149,63 @@ def student_meta(cfg: RunConfig) -> dict:
             "normalization": cfg.models.student_normalization, "config": to_dict(cfg)}
 
 
-class Validation:
-    """Val evaluations of the student during and after training (the val loader is built once, on first use)."""
+@contextlib.contextmanager
+def removed_on_failure(run_dir: Path, created: bool, info: DistInfo):
+    """A fresh run folder that this start created is removed again when the start fails (nothing trained
+    yet: a wrong teacher, a refused check), so it does not block or confuse the next run."""
+    try:
+        yield
+    except BaseException:
+        if created and info.is_main:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
-    def __init__(self, cfg: RunConfig, run_dir: Path) -> None:
+
+def check_teacher_first(cfg: RunConfig, models: Models, engine: Engine, run_dir: Path, log) -> None:
+    """Before the first step: the teacher on the first ``eval.teacher_check_images`` val images, logged,
+    stored in config.json, and the run stopped (TeacherCheckError, one line) below the threshold
+    (``eval.teacher_min_miou``, default the published figure of that teacher - 5, see teacher_check.py)."""
+    n, m = cfg.eval.teacher_check_images, cfg.models
+    if not n or models.teacher is None or m.teacher_ckpt == RANDOM:
+        return
+    try:
+        val = build_eval_dataset(cfg.data.root, "val", cfg.data.val_list, max_images=n,
+                                 ignore_label=cfg.data.ignore_label, dataset=cfg.data.dataset,
+                                 normalization=NORMALIZATIONS[m.teacher_normalization])
+    except (EvaluationError, DatasetError) as exc:
+        log(f"teacher check skipped (no val split to check on: {exc})")
+        return
+    threshold, why = run_threshold(m.teacher_arch, cfg.data.dataset, cfg.data.num_classes, cfg.data.root,
+                                   cfg.eval.teacher_min_miou)
+    record = check_teacher(models.teacher, val, num_images=n, num_classes=cfg.data.num_classes,
+                           device=engine.device, threshold_miou=threshold, amp=cfg.engine.amp)
+    log(f"teacher check: {record['miou']:.2f} % mIoU on the first {record['num_images']} val images "
+        f"(required {threshold:.2f} %: {why})")
+    path = run_dir / "config.json"
+    ckpt.atomic_write_text(path, json.dumps(json.loads(path.read_text()) | {"teacher_check": record}, indent=2) + "\n")
+
+
+def build_trackers(cfg: RunConfig, run_dir: Path, start_step: int, info: DistInfo) -> Trackers:
+    """The run's trackers (``--log-to``): the configuration as hyper-parameters, continued on resume."""
+    return Trackers(cfg.output.log_to, run_dir, to_dict(cfg), resume_step=start_step, enabled=info.is_main)
+
+
+class Validation:
+    """Val evaluations of the student during and after training (the val loader is built once, on first use);
+    each goes to the trackers too, with a few prediction panels."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, trackers: Trackers | None = None) -> None:
         self.cfg, self.run_dir, self.loader, self.best_miou = cfg, run_dir, None, -1.0
+        self.trackers = trackers
+
+    def track(self, models: Models, engine: Engine, step: int, metrics: dict) -> None:
+        if not self.trackers:
+            return
+        self.trackers.log_eval(step, metrics)
+        self.trackers.log_images(step, prediction_panels(
+            models.student_module, self.loader.dataset, engine.device, count=2,
+            normalization=NORMALIZATIONS[self.cfg.models.student_normalization],
+            amp_dtype=amp_dtype(self.cfg.engine.amp, engine.device)))
 
     def run(self, models: Models, engine: Engine, step: int, tag: str) -> dict:
         cfg = self.cfg
@@ -160,6 +224,7 @@ class Validation:
     def intermediate(self, models: Models, engine: Engine, step: int, log) -> None:
         metrics = self.run(models, engine, step - 1, "intermediate")
         log(f"step {step}: val mIoU {100 * metrics['miou']:.2f} %")
+        self.track(models, engine, step - 1, metrics)
         with open(self.run_dir / "eval_history.jsonl", "a") as f:
             f.write(json.dumps(metrics | {"confusion_matrix": None}) + "\n")
         if self.cfg.eval.save_best and metrics["miou"] > self.best_miou:
@@ -189,12 +254,16 @@ def finish_run(cfg: RunConfig, info: DistInfo, run_dir: Path, models: Models, en
         from cwdseg.viz.curves import plot_training_curves
 
         plot_training_curves(run_dir / "metrics.jsonl", run_dir / "curves.png", title=cfg.output.name)
+    cost = write_cost(run_dir, run_cost_from_folder(run_dir))  # images, FLOPs, device-seconds, memory
     if cfg.eval.final:
         metrics = validation.run(models, engine, last_step, "final-iteration")
         metrics["checkpoint"] = str(run_dir / final_name)
         ckpt.atomic_write_text(run_dir / "eval.json", json.dumps(metrics, indent=2) + "\n")
         print(f"final-iteration val mIoU {100 * metrics['miou']:.2f} %  ({run_dir / 'eval.json'})")
-    print(f"run folder: {run_dir}  (config.json, metrics.jsonl, curves.png, last.pth, {final_name}"
+        validation.track(models, engine, last_step, metrics)
+    if validation.trackers:
+        validation.trackers.close()
+    print(f"run folder: {run_dir}  (config.json, metrics.jsonl, curves.png, last.pth, {final_name}, {cost.name}"
           f"{', eval.json' if cfg.eval.final else ''})")
     if cfg.output.demo:
         demo_epilogue(cfg, run_dir / final_name)

@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from cwdseg.checkpoint import student_filename
+from cwdseg.config import CONFIG_FORMAT
 from cwdseg.distill.registry import PRESETS, spec_run_name
 from cwdseg.data.synthetic import MARKER_FILE as SYNTHETIC_MARKER
 from cwdseg.engine.compute import logged_training
@@ -59,12 +61,11 @@ def _read_json(path: Path) -> dict | None:
 
 def _no_eval_hint(run_dir: Path, config: dict) -> str:
     """What to do about a missing final eval.json: evaluate a run trained with --eval False, resume the others."""
-    if config.get("eval") is False:
-        final = run_dir / f"city_{int(config.get('num_steps', 0)) - 1}_G.pth"
+    if config["eval"]["final"] is False:
+        final = run_dir / student_filename(config["data"]["dataset"], int(config["optim"]["num_steps"]) - 1)
         return ("the run was trained with --eval False, so it has no evaluation; evaluate it with its train.py "
                 "command plus --eval True (the finished steps are not repeated; writes eval.json), or for the "
-                f"numbers alone: python evaluate.py --restore-from {final} --data-dir {config.get('data_dir', 'DATA')} "
-                f"--dataset {config.get('dataset', 'cityscapes')}")
+                f"numbers alone: python evaluate.py --restore-from {final} --data-dir {config['data']['root']}")
     return "the run has not finished (re-run it, or the grid, to resume)"
 
 
@@ -83,7 +84,11 @@ def load_run(run_dir: str | Path, selection: str = "final") -> RunResult:
     config_path, eval_path = run_dir / "config.json", run_dir / file
     if not config_path.exists():
         raise SummaryError(f"{run_dir}: no config.json; is this a train.py run folder?")
-    config = _read_json(config_path) or {}
+    record = _read_json(config_path) or {}
+    if record.get("format") != CONFIG_FORMAT:
+        raise SummaryError(f"{config_path}: not a config.json of this toolkit's runs (format {CONFIG_FORMAT!r}); "
+                           "runs written before the typed configuration cannot be summarised with these")
+    config, environment = record["config"], record.get("environment", {})
     if not eval_path.exists():
         hint = (_no_eval_hint(run_dir, config) if selection == "final" else
                 "train it with --eval-every N --save-best True, or summarise the final iteration")
@@ -91,14 +96,14 @@ def load_run(run_dir: str | Path, selection: str = "final") -> RunResult:
     result = json.loads(eval_path.read_text())
     if selection == "final" and result.get("selection") != "final-iteration":
         raise SummaryError(f"{eval_path}: selection is {result.get('selection')!r}, not 'final-iteration'")
-    spec = config.get("distill_terms") or {}
-    label = spec_run_name(spec, config.get("preset")) if spec else "baseline"
-    rate, hours = _throughput_and_hours(run_dir, int(config.get("world_size", 1)))
-    synthetic = (Path(str(config.get("data_dir", ""))) / SYNTHETIC_MARKER).is_file()
-    data = "synthetic" if synthetic else str(config.get("dataset", "cityscapes"))
-    return RunResult(str(run_dir), label, config.get("student_arch", "resnet18"), int(config.get("seed", 0)),
-                     100 * float(result["miou"]), rate, hours, str(config.get("device", "?")),
-                     int(config.get("num_steps", 0)), spec, data, _read_json(run_dir / "budget.json"),
+    spec = config["distill"]["terms"]
+    label = spec_run_name(spec, config["distill"]["preset"]) if spec else "baseline"
+    rate, hours = _throughput_and_hours(run_dir, int(environment.get("world_size", 1)))
+    synthetic = (Path(str(config["data"]["root"])) / SYNTHETIC_MARKER).is_file()
+    data = "synthetic" if synthetic else str(config["data"]["dataset"])
+    return RunResult(str(run_dir), label, config["models"]["student_arch"], int(config["optim"]["seed"]),
+                     100 * float(result["miou"]), rate, hours, str(environment.get("device", "?")),
+                     int(config["optim"]["num_steps"]), spec, data, _read_json(run_dir / "budget.json"),
                      _read_json(run_dir / "cost.json"))
 
 
