@@ -22,7 +22,7 @@ from typing import Any
 
 from cwdseg import checkpoint as ckpt
 from cwdseg.cli.checks import train_value_errors
-from cwdseg.cli.train_config import RECIPE_NAMES, build_config, config_yaml, default_for, with_dataset_classes
+from cwdseg.cli.train_config import RECIPE_NAMES, build_config, config_yaml, default_for
 from cwdseg.config import ConfigError, RunConfig, to_dict
 from cwdseg.data import DatasetError
 from cwdseg.data.registry import DATASETS
@@ -33,12 +33,12 @@ from cwdseg.engine.build import RANDOM, build_criteria, build_engine, build_mode
     model_pair_problems
 from cwdseg.engine.distributed import DeviceError, barrier, cleanup, init_distributed
 from cwdseg.engine.precision import AMP_CHOICES
-from cwdseg.engine.run import RunSetupError, Validation, build_train_loader, build_train_set, build_trackers, \
-    check_teacher_first, finish_run, log_model_pair, next_micro_batches, per_rank_batch, prepare_demo_data, \
-    removed_on_failure, resume_step, seed_everything, student_meta, write_config
+from cwdseg.engine.run import RunSetupError, Validation, build_train_loader, build_trackers, check_teacher_first, \
+    finish_run, log_model_pair, next_micro_batches, prepare_run, removed_on_failure, resume_step, student_meta, \
+    write_config
 from cwdseg.engine.runlog import RunLog, StepWindow, peak_tflops
 from cwdseg.engine.signals import STOP_SIGNAL_CHOICES, StopRequest, resume_hint
-from cwdseg.engine.state import check_input_files, save_last
+from cwdseg.engine.state import save_last
 from cwdseg.engine.step import poly_lr, set_lr, train_step
 from cwdseg.engine.trackers import TrackerError, log_to_arg
 from cwdseg.evaluation.loop import EvaluationError
@@ -284,27 +284,12 @@ def main(argv: list[str] | None = None, cfg: RunConfig | None = None, resume: st
     cfg = cfg or resolve_config(argv)
     info = init_distributed(cfg.engine.device)
     engine = build_engine(cfg, info)
-    run_dir = cfg.run_dir
-    if cfg.output.demo:
-        prepare_demo_data(cfg, info)
-    cfg = with_dataset_classes(cfg)
-    seed_everything(cfg.optim.seed, cfg.engine.deterministic, info.device)
-    per_rank = per_rank_batch(cfg, info)
-    check_input_files(cfg)
-    train_set = build_train_set(cfg, info)  # the data and the weight files are checked before the run folder exists
-    created = not run_dir.exists()
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    barrier()
-    runlock.acquire_for_run(run_dir, info)  # one run per folder; released at exit
+    cfg, per_rank, train_set, created = prepare_run(cfg, info)  # data, files and batch checked; folder + lock
+    run_dir, o = cfg.run_dir, cfg.optim
     log = RunLog(None, 0, 0, enabled=info.is_main)  # plain messages until the loop starts
     if not typed.get("force") and (done := runlock.completed_message(run_dir, cfg)):
         log(done)
         return 0
-    o = cfg.optim
-    if info.distributed or o.grad_accum > 1:
-        log(f"batch {o.batch_size} per step = {info.world_size} process(es) x {o.grad_accum} micro-batch(es) "
-            f"x {per_rank} images (the recipe's effective batch is kept)")
 
     # build -> resume (a fresh folder that a failed start created is removed again)
     with removed_on_failure(run_dir, created, info):

@@ -338,15 +338,6 @@ def build_config(typed: dict[str, Any]) -> RunConfig:
     return from_dict(data)
 
 
-def with_dataset_classes(cfg: RunConfig) -> RunConfig:
-    """A folder dataset's class count, read from its classes.json once the data exist (the demo
-    generates them after resolution); other datasets are already complete."""
-    if cfg.data.num_classes is not None:
-        return cfg
-    info = dataset_info(cfg.data.dataset, cfg.data.root)
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_classes=info.num_classes))
-
-
 def config_yaml(cfg: RunConfig) -> str:
     """The resolved configuration as a recipe file (``--print-config``)."""
     import yaml

@@ -3,6 +3,7 @@ the demo data, resume, the config record, the train loader, validation and the f
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import random
 import shutil
@@ -64,6 +65,41 @@ def ckpt_needs_two(arch: str) -> bool:
     """Whether a network's training-mode BatchNorm sees a 1x1 map (pooled branches: PSP, ASPP), which
     needs more than one sample per batch."""
     return arch.startswith(("pspnet", "deeplabv3"))
+
+
+def prepare_run(cfg: RunConfig, info: DistInfo) -> tuple[RunConfig, int, object, bool]:
+    """Everything checked before the run folder exists (the demo's data generated, a folder dataset's classes
+    read, the batch split, the weight files, the training split), then the folder and its lock.
+    Returns ``(cfg, per-rank batch, training split, whether this start created the folder)``."""
+    from cwdseg.engine import runlock
+    from cwdseg.engine.state import check_input_files
+
+    if cfg.output.demo:
+        prepare_demo_data(cfg, info)
+    cfg = with_dataset_classes(cfg)
+    seed_everything(cfg.optim.seed, cfg.engine.deterministic, info.device)
+    per_rank = per_rank_batch(cfg, info)
+    check_input_files(cfg)
+    train_set = build_train_set(cfg, info)
+    created = not cfg.run_dir.exists()
+    if info.is_main:
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    barrier()
+    runlock.acquire_for_run(cfg.run_dir, info)  # one run per folder; released at exit
+    o = cfg.optim
+    if info.is_main and (info.distributed or o.grad_accum > 1):
+        print(f"batch {o.batch_size} per step = {info.world_size} process(es) x {o.grad_accum} micro-batch(es) "
+              f"x {per_rank} images (the recipe's effective batch is kept)", flush=True)
+    return cfg, per_rank, train_set, created
+
+
+def with_dataset_classes(cfg: RunConfig) -> RunConfig:
+    """A folder dataset's class count, read from its classes.json once the data exist (the demo generates
+    them after the configuration is resolved); the other datasets' counts are resolved already."""
+    if cfg.data.num_classes is not None:
+        return cfg
+    info = dataset_info(cfg.data.dataset, cfg.data.root)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_classes=info.num_classes))
 
 
 def prepare_demo_data(cfg: RunConfig, info: DistInfo) -> None:
