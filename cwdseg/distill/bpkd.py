@@ -15,7 +15,8 @@ from cwdseg.distill.options import Option, resolve_options
 EDGE_NORMS = ("mass", "count", "pixels")
 
 
-def edge_band(labels: Tensor, num_classes: int, ignore_label: int, kernel: int, size: tuple[int, int]) -> Tensor:
+def edge_band(labels: Tensor, num_classes: int, ignore_label: int, kernel: int, size: tuple[int, int],
+              dtype: torch.dtype = torch.float32) -> Tensor:
     """The soft edge mask [N, 1, h, w] in [0, 1]: per class, dilation minus erosion of the one-hot label
     with a ``kernel`` x ``kernel`` window (stride 1; the image border neither dilates nor erodes), the
     maximum over classes (1 on a band around every class boundary), then area-averaged to ``size``
@@ -25,7 +26,7 @@ def edge_band(labels: Tensor, num_classes: int, ignore_label: int, kernel: int, 
         raise ValueError(f"BPKD: labels must be [N, H, W]; got shape {tuple(labels.shape)}")
     lab = labels.long()
     valid = (lab != ignore_label) & (lab >= 0) & (lab < num_classes)
-    onehot = F.one_hot(torch.where(valid, lab, 0), num_classes).permute(0, 3, 1, 2).float()
+    onehot = F.one_hot(torch.where(valid, lab, 0), num_classes).permute(0, 3, 1, 2).to(dtype)
     onehot = onehot * valid[:, None]
     pad = kernel // 2
     dilated = F.max_pool2d(onehot, kernel, stride=1, padding=pad)
@@ -86,7 +87,7 @@ class CriterionBPKD(nn.Module):
             t = wide(t.detach())
             s = _match_size(wide(s), t, True, "CriterionBPKD")
             n, k, h, w = t.shape
-            m = edge_band(labels, self.num_classes, self.ignore_label, o["kernel"], (h, w)).to(t.dtype)
+            m = edge_band(labels.to(t.device), self.num_classes, self.ignore_label, o["kernel"], (h, w), t.dtype)
             kl = pixel_kl(m * s, m * t, T) * m[:, 0]
             denominator = {"mass": m.sum(), "count": (m > 0).sum().to(t.dtype),
                            "pixels": torch.tensor(float(n * h * w), dtype=t.dtype, device=t.device)}[o["edge_norm"]]
