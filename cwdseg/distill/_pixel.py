@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cwdseg.distill._common import _labels_at
+
 
 def wide(x: Tensor) -> Tensor:
     """``x`` in the dtype a loss is reduced in: float64 stays float64 (so tests can compare with
@@ -26,7 +28,6 @@ def pixel_kl(s: Tensor, t: Tensor, temperature: float) -> Tensor:
 
 def valid_mask(labels: Tensor | None, size: tuple[int, int], ignore_label: int, what: str) -> Tensor:
     """Bool [N, h, w]: True where the label (nearest-resized to ``size``) is not ``ignore_label``."""
-    from cwdseg.distill._common import _labels_at
     if labels is None:
         raise ValueError(f"{what} needs the labels (it masks the ignored pixels); pass labels=")
     return _labels_at(labels, size) != ignore_label
