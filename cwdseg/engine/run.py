@@ -122,8 +122,8 @@ def prepare_demo_data(cfg: RunConfig, info: DistInfo) -> None:
     barrier()
 
 
-def resume_step(cfg: RunConfig, resume: str | None, run_dir: Path, models: Models, opt_g, opt_d, engine: Engine,
-                log) -> int:
+def resume_step(cfg: RunConfig, resume: str | None, run_dir: Path, models: Models, criteria, opt_g, opt_d,
+                engine: Engine, log) -> int:
     """The step to start from: 0, or the one stored in ``resume`` / the run folder's last.pth."""
     last_path = run_dir / "last.pth"
     resume_from = Path(resume) if resume else (last_path if last_path.exists() else None)
@@ -131,7 +131,7 @@ def resume_step(cfg: RunConfig, resume: str | None, run_dir: Path, models: Model
         raise RunSetupError(f"--resume {resume}: no such file")
     if resume_from is None:
         return 0
-    step = load_last(resume_from, models, opt_g, opt_d, engine, cfg)
+    step = load_last(resume_from, models, criteria, opt_g, opt_d, engine, cfg)
     log(f"resumed from {resume_from} at step {step}/{cfg.optim.num_steps}")
     return step
 

@@ -17,7 +17,7 @@ import torch
 
 from cwdseg import checkpoint as ckpt
 from cwdseg.config import CONFIG_FORMAT, RunConfig, differences, to_dict
-from cwdseg.engine.build import RANDOM, Engine, Models
+from cwdseg.engine.build import RANDOM, Criteria, Engine, Models
 
 
 LAST_FORMAT = "cwd-seg/last/2"  # /2: the whole run configuration replaces /1's list of recipe keys
@@ -48,13 +48,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_last(path: Path, step: int, models: Models, opt_g, opt_d, engine: Engine, cfg: RunConfig,
-              samples_seen: int) -> None:
+def save_last(path: Path, step: int, models: Models, criteria: Criteria, opt_g, opt_d, engine: Engine,
+              cfg: RunConfig, samples_seen: int) -> None:
     state = {
         "format": LAST_FORMAT,
         "step": step,  # the next step to run
         "student": ckpt.export_state_dict(models.student_module),
         "connector": models.connector.state_dict() if models.connector is not None else None,
+        "terms": criteria.terms.state_dict(),  # connectors again, and the terms' own layers and memory banks
         "discriminator": models.discriminator.state_dict() if models.discriminator is not None else None,
         "optimizer_g": opt_g.state_dict(),
         "optimizer_d": opt_d.state_dict() if opt_d is not None else None,
@@ -67,7 +68,7 @@ def save_last(path: Path, step: int, models: Models, opt_g, opt_d, engine: Engin
     ckpt.atomic_save(state, path)
 
 
-def load_last(path: Path, models: Models, opt_g, opt_d, engine: Engine, cfg: RunConfig) -> int:
+def load_last(path: Path, models: Models, criteria: Criteria, opt_g, opt_d, engine: Engine, cfg: RunConfig) -> int:
     """Restore everything from ``last.pth``; returns the step to continue from."""
     state = ckpt.load_checkpoint_dict(path)
     if state.get("format") != LAST_FORMAT:
@@ -87,6 +88,7 @@ def load_last(path: Path, models: Models, opt_g, opt_d, engine: Engine, cfg: Run
     models.student_module.load_state_dict(state["student"])
     if models.connector is not None:
         models.connector.load_state_dict(state["connector"])
+    criteria.terms.load_state_dict(state["terms"])
     if models.discriminator is not None:
         models.discriminator.load_state_dict(state["discriminator"])
     opt_g.load_state_dict(state["optimizer_g"])
