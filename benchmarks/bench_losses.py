@@ -168,7 +168,7 @@ def _new_term_cases(device: torch.device, batch: int, crop: tuple[int, int]) -> 
              lambda: cwd(connector(s_feat), t_feat).backward()),
         Case("LS-KD", f"z-score + pixel KL T=2 on {shape}", lambda: lskd(s_logits, t_logits).backward()),
         Case("CIRKD pixel KD", f"pixel KL T=1 (class sum) on {shape}", lambda: cirkd_kd(s_logits, t_logits).backward()),
-        Case("CIRKD mini-batch", f"B^2={batch * batch} PxP relations (P={h * w}), checkpointed rows, {fshape}",
+        Case("CIRKD mini-batch", f"B^2={batch * batch} PxP relations (P={h * w}), rows recomputed in backward, {fshape}",
              lambda: batch_rel(s_feat, t_feat).backward()),
         Case("CIRKD memory", f"projection head, enqueue, 216+54 per class x 19 contrast, {fshape}",
              lambda: memory(s_feat, t_feat, labels).backward()),
