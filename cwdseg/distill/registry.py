@@ -38,7 +38,7 @@ from cwdseg.distill.bpkd import CriterionBPKD
 from cwdseg.distill.cirkd import CriterionCIRKDMemory, CriterionCIRKDMiniBatch
 from cwdseg.distill.lskd import CriterionLSKD
 from cwdseg.distill.mgd import CriterionMGD
-from cwdseg.distill.options import Option, defaults
+from cwdseg.distill.options import Option, OptionError, check_option, defaults
 
 TAPS = ("logits", "feature")
 # Options every term takes: the layer it reads on the student / the teacher, by name (``logits``,
@@ -232,6 +232,11 @@ def _parse_value(name: str, key: str, raw: str, default: Any, choices: Iterable[
         if not value > 0 and key not in ("beta", "gamma"):
             raise DistillSpecError(f"{where} must be > 0")
         return value
+    if isinstance(default, int):
+        try:
+            return int(raw)
+        except ValueError:
+            raise DistillSpecError(f"{where} must be an integer") from None
     if choices and raw not in choices:
         raise DistillSpecError(f"{where} must be one of {', '.join(choices)}")
     return raw
@@ -273,7 +278,13 @@ def parse_entry(entry: str) -> tuple[str, dict[str, Any]]:
         if not sep or key not in method.options:
             known = ", ".join(["on", *method.options]) if len(method.taps) > 1 else ", ".join(method.options) or "none"
             raise DistillSpecError(f"--distill {entry!r}: unknown option {item!r} for {name}; its options: {known}")
-        out[key] = _parse_value(name, key, raw, method.options[key], method.choices.get(key))
+        if key in method.option_specs:  # declared with its type and bounds beside the term
+            try:
+                out[key] = check_option(key, method.option_specs[key], raw)
+            except OptionError as exc:
+                raise DistillSpecError(f"--distill {entry!r}: {exc}") from None
+        else:
+            out[key] = _parse_value(name, key, raw, method.options[key], method.choices.get(key))
     return name, out
 
 
@@ -353,13 +364,16 @@ PRESETS.update({
                     "logits + feature", None,
                     "train_cirkd.py defaults: lambda_kd 1 (T 1), lambda_minibatch_pixel 1, lambda_memory_pixel "
                     "and lambda_memory_region 0.1, contrast temperature 0.1"),
-    "mgd": Preset(("mgd=1,alpha=2e-05,mask_ratio=0.75", "cwd=3,tau=4"), "MGD", "feature + logits", None,
+    "mgd": Preset(("mgd=1,alpha=2e-05,mask_ratio=0.75,s_tap=stage4,t_tap=stage4", "cwd=3,tau=4"), "MGD",
+                  "last stage + logits", None,
                   "MGD seg/configs/distillers/mgd/psp_r101_distill_psp_r18_40k_512x512_city.py: alpha_mgd 2e-5, "
-                  "lambda_mgd 0.75, with the distiller's CWD 3 (tau 4) on the logits; the authors tap the last "
-                  "backbone stage (paper_taps), the engine the head feature until named taps land"),
-    "afdcd": Preset(("cirkd_kd=1,T=1", "afdcd=1,fd=2e-06,ctr=0.005"), "Af-DCD", "logits + feature", None,
+                  "lambda_mgd 0.75, on the last backbone stage as the authors tap it, with the distiller's CWD 3 "
+                  "(tau 4) on the logits"),
+    "afdcd": Preset(("cirkd_kd=1,T=1", "afdcd=1,fd=2e-06,ctr=0.005,s_tap=stage4,t_tap=stage4"), "Af-DCD",
+                    "logits + last stage", None,
                     "train_scripts/cityscape/deeplabv3_r101_deeplabv3_r18_ocmgd.sh: lambda_fd 2e-6, lambda_ctr "
-                    "0.005, lambda_kd 1 (T 1); random mask 0.75 and plain projector (what their argparse uses)"),
+                    "0.005, lambda_kd 1 (T 1), on the last backbone stage (the authors' c4); random mask 0.75 and "
+                    "plain projector (what their argparse uses)"),
     "lskd": Preset(("lskd=9,T=2",), "LS-KD", "logits map", None,
                    "logit-standardization-KD README: KD weight 9, T 2 (classification; no segmentation recipe)"),
     "bpkd": Preset(("bpkd=1,edge=50,body=20,alpha=2,T=1",), "BPKD", "logits map", None,
