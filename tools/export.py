@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cwdseg.cli.parser import ArgumentParser
 from cwdseg.checkpoint import CheckpointError, atomic_write_text
 from cwdseg.data import DatasetError
 from cwdseg.data.labels import CLASS_NAMES, NUM_CLASSES, TRAIN_ID_COLORS
@@ -45,7 +46,7 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Export a student to ONNX + safetensors with metadata and a model card",
+    p = ArgumentParser(description="Export a student to ONNX + safetensors with metadata and a model card",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("source", help="a train.py run folder (ckpt/<NAME>/) or a weight file (.pth, last.pth)")
     p.add_argument("--out-dir", default=None, help="where to write; default outputs/export/<name>")

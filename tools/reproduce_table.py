@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from cwdseg.cli.parser import ArgumentParser
 from cwdseg.checkpoint import CheckpointError
 from cwdseg.cli.checks import writable_folder_error
 from cwdseg.data import DatasetError
@@ -179,7 +180,7 @@ def format_markdown(rows: Sequence[dict], split: str = "val", max_images: int | 
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Published vs measured mIoU of the released CWD checkpoints",
+    p = ArgumentParser(description="Published vs measured mIoU of the released CWD checkpoints",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt-dir", default="ckpt", help="folder holding the released files")
     p.add_argument("--data-dir", required=True, help="Cityscapes root (leftImg8bit/, gtFine/)")

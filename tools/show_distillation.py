@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 import torch
 
+from cwdseg.cli.parser import ArgumentParser
 from cwdseg.checkpoint import CheckpointError, atomic_write_text
 from cwdseg.data import DatasetError
 from cwdseg.data.labels import CLASS_NAMES, NUM_CLASSES
@@ -37,7 +38,7 @@ class ShowError(RuntimeError):
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Per-class channel distributions of teacher and student (CWD)",
+    p = ArgumentParser(description="Per-class channel distributions of teacher and student (CWD)",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--teacher", required=True, help="teacher checkpoint (.pth)")
     p.add_argument("--student", required=True, help="student checkpoint (.pth, or a run's last.pth)")

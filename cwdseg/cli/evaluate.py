@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from cwdseg.cli.parser import ArgumentParser
 from cwdseg.checkpoint import CheckpointError, atomic_write_text
 from cwdseg.cli.checks import eval_value_errors, overlap_arg
 from cwdseg.data import DatasetError
@@ -39,8 +40,8 @@ from cwdseg.evaluation.loop import SPLITS, EvaluationError, _as_amp_dtype, build
 from cwdseg.models import ARCH_NAMES
 from cwdseg.evaluation.metrics import format_table
 from cwdseg.evaluation.official import run_official_check
-from cwdseg.evaluation.outputs import prepare_save_dir
-from cwdseg.viz.bars import plot_results_iou
+from cwdseg.evaluation.outputs import prepare_save_dir, remove_outputs
+from cwdseg.viz.bars import plot_class_iou_bars
 
 __all__ = ["EvaluationError", "_as_amp_dtype", "build_eval_dataset", "build_eval_loader", "evaluate_model",
            "get_args_parser", "load_model", "main", "cli"]
@@ -48,7 +49,7 @@ __all__ = ["EvaluationError", "_as_amp_dtype", "build_eval_dataset", "build_eval
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """The command line of evaluate.py (reusable by other scripts through ``parents=``)."""
-    p = argparse.ArgumentParser(description="Evaluate a segmentation checkpoint on a dataset (Cityscapes by default)", add_help=add_help,
+    p = ArgumentParser(description="Evaluate a segmentation checkpoint on a dataset (Cityscapes by default)", add_help=add_help,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default=os.environ.get("DATASET", "cityscapes"), choices=sorted(DATASETS),
@@ -108,8 +109,9 @@ def _read_compare(parser: argparse.ArgumentParser, args: argparse.Namespace, nam
     """The --compare results.json (checked: a val evaluation with per-class IoU), or None."""
     if args.compare is None:
         return None
-    if args.save_dir is None or args.split != "val":
-        parser.error("--compare draws class_iou.png beside a val evaluation: pass --split val and --save-dir")
+    if args.save_dir is None or (args.split == "test" and args.dataset == "cityscapes"):
+        parser.error("--compare draws class_iou.png beside a scored evaluation: pass --save-dir (and a split "
+                     "with labels, e.g. --split val)")
     try:
         other = json.loads(Path(args.compare).read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -144,15 +146,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # every image has the same size
 
+    restore = Path(args.restore_from)
+    if restore.is_dir():
+        parser.error(f"--restore-from {restore}: is a folder, not a checkpoint file; pass one of its files "
+                     f"(e.g. {next(iter(sorted(restore.glob('*.pth'))), restore / 'city_<step>_G.pth')})")
     model, arch = load_model(args.restore_from, args.arch, args.num_classes)
-    if args.save_dir is not None:
-        prepare_save_dir(Path(args.save_dir), args.restore_from, args.overwrite)
+    save_dir = None if args.save_dir is None else Path(args.save_dir)
+    fresh = save_dir is not None and (not save_dir.exists() or (save_dir.is_dir() and not any(save_dir.iterdir())))
+    if save_dir is not None:
+        prepare_save_dir(save_dir, args.restore_from, args.overwrite)
+    try:
+        results = _evaluate(args, model, arch, device, compare)
+    except BaseException:
+        if fresh:  # a failed evaluation leaves nothing that would refuse the next one
+            remove_outputs(save_dir, created=True)
+        raise
+    return results
+
+
+def _evaluate(args: argparse.Namespace, model: torch.nn.Module, arch: str, device: torch.device,
+              compare: dict[str, Any] | None) -> dict[str, Any]:
+    """Evaluate, print, and write results.json and class_iou.png into --save-dir (when given)."""
     normalization = checkpoint_normalization(arch, args.normalization)
     dataset = build_eval_dataset(args.data_dir, args.split, args.data_list, args.max_images, dataset=args.dataset,
                                  short_side=args.short_side, normalization=normalization)
     loader = build_eval_loader(dataset, args.batch_size, args.num_workers)
-    print(f"evaluating {args.restore_from} ({arch}, input {normalization.name}) on {len(dataset)} {args.split} images, {args.mode} mode, "
-          f"scales {args.scales}, flip {args.flip}, amp {args.amp}, device {device}", flush=True)
+    print(f"evaluating {args.restore_from} ({arch}, input {normalization.name}) on {len(dataset)} {args.split} "
+          f"images, {args.mode} mode, scales {args.scales}, flip {args.flip}, amp {args.amp}, device {device}",
+          flush=True)
 
     results = evaluate_model(
         model, loader, num_classes=args.num_classes, mode=args.mode, tile=tuple(args.tile), overlap=args.overlap,
@@ -160,23 +181,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         split=args.split, progress=args.progress, tile_batch=args.tile_batch,
     )
     results["checkpoint"] = {"path": str(Path(args.restore_from).resolve()), "sha256": sha256_file(args.restore_from),
-                             "arch": arch, "normalization": normalization.name}
-    results["data"] = {"dataset": args.dataset, "data_dir": str(Path(args.data_dir).resolve()), "data_list": args.data_list,
-                       "max_images": args.max_images}
+                             "arch": arch, "normalization": normalization.name, "given_as": args.restore_from}
+    results["data"] = {"dataset": args.dataset, "data_dir": str(Path(args.data_dir).resolve()),
+                       "data_list": args.data_list, "max_images": args.max_images}
 
-    if args.split == "val":
+    if results["miou"] is not None:
         print(format_table(results))
     else:
         print(f"test split: no metrics (Cityscapes test labels are dummies); submit {results['outputs']['zip']}"
-              if results["outputs"] else "test split: no metrics (labels are dummies); pass --save-dir for the PNGs")
+              if results["outputs"] else "test split: no metrics (Cityscapes test labels are dummies); pass "
+                                         "--save-dir for the server PNGs")
     print(f"{results['num_images']} images in {results['seconds']:.1f} s ({results['images_per_s']:.2f} img/s)")
 
     if args.official_check:
         check = run_official_check(results, dataset.samples)
         results["official_check"] = check
-        print(f"mIoU evaluate.py: {100 * check['ours_miou']:.4f} (absent classes count 0) | over the classes the "
-              f"official tool scores: {100 * (check['ours_miou_scored_classes'] or 0):.4f} | cityscapesscripts: "
-              f"{100 * check['official_miou']:.4f} | largest per-class difference {100 * check['max_class_diff']:.2e}")
+        print(f"mIoU (%) evaluate.py: {100 * check['ours_miou']:.2f} (absent classes count 0) | over the classes "
+              f"the official tool scores: {100 * (check['ours_miou_scored_classes'] or 0):.2f} | cityscapesscripts: "
+              f"{100 * check['official_miou']:.2f} | largest per-class difference "
+              f"{100 * check['max_class_diff']:.2e} points")
         if check["unscored_classes"]:
             print(f"  classes absent from ground truth and prediction (NaN for the official tool, 0 here): "
                   f"{', '.join(check['unscored_classes'])}")
@@ -184,11 +207,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.save_dir is not None:
         out = Path(args.save_dir) / "results.json"
         out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out, json.dumps(results, indent=2) + "\n")
+        if results["miou"] is not None:
+            labels = bar_labels(args.restore_from, compare, args.compare)
+            bars = plot_class_iou_bars(
+                [(labels[0], results["per_class_iou"], results["miou"])]
+                + ([(labels[1], compare["per_class_iou"], compare.get("miou"))] if compare else []),
+                out.parent / "class_iou.png",
+                f"per-class IoU, {args.split} ({results['num_images']} images)")
+        atomic_write_text(out, json.dumps(results, indent=2) + "\n")  # last: its presence marks a finished run
         print(f"wrote {out}")
-        if args.split == "val":
-            print(f"wrote {plot_results_iou(results, out.parent / 'class_iou.png', compare)}")
+        if results["miou"] is not None:
+            print(f"wrote {bars}")
     return results
+
+
+def bar_labels(restore_from: str, compare: dict[str, Any] | None, compare_path: str | None) -> list[str]:
+    """Legend labels of class_iou.png: ``<run folder>/<file stem>`` of each checkpoint (every run names its
+    student ``city_<step>_G.pth``, so the stem alone says nothing); the paths as given when those agree."""
+    def short(path: str) -> str:
+        p = Path(path)
+        return f"{p.parent.name}/{p.stem}" if p.parent.name else p.stem
+
+    labels = [short(restore_from)]
+    if compare is not None:
+        ckpt = compare.get("checkpoint") if isinstance(compare.get("checkpoint"), dict) else {}
+        other = ckpt.get("given_as") or ckpt.get("path") or str(compare_path)
+        labels.append(short(other))
+        if labels[0] == labels[1]:
+            labels = [str(restore_from), f"{other} (from {compare_path})"]
+    return labels
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from cwdseg.cli.parser import ArgumentParser
 from cwdseg.checkpoint import CheckpointError
 from cwdseg.data import DatasetError
 from cwdseg.data.labels import CLASS_NAMES, NUM_CLASSES, TRAIN_ID_COLORS
@@ -60,7 +61,7 @@ class PredictError(RuntimeError):
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """The command line of predict.py."""
-    p = argparse.ArgumentParser(description="Segment images and videos with a trained network", add_help=add_help,
+    p = ArgumentParser(description="Segment images and videos with a trained network", add_help=add_help,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--restore-from", required=True, help="checkpoint (.pth), or an export (.safetensors, .onnx)")
     p.add_argument("--input", nargs="+", required=True, help="image files, folders, glob patterns, video files")
