@@ -10,7 +10,9 @@ Rooms (each knows only what it needs):
 - :mod:`cwdseg.engine`: building the parts, the training step, resume state, run log, devices.
 - :mod:`cwdseg.evaluation`: whole/sliding inference, metrics, the evaluation loop and its writers.
 - :mod:`cwdseg.checkpoint`: loading and saving weights (``weights_only=True``, atomic writes).
-- :mod:`cwdseg.viz`: colour maps, panels and curves.
-- :mod:`cwdseg.cli`: the command lines behind ``train.py`` / ``evaluate.py`` (``cwd-train``, ``cwd-eval``).
+- :mod:`cwdseg.export`: ONNX and safetensors exports with their metadata and model card.
+- :mod:`cwdseg.viz`: colour maps, panels, overlays, curves, IoU bars and channel distributions.
+- :mod:`cwdseg.cli`: the command lines behind ``train.py`` / ``evaluate.py`` / ``predict.py``
+  (``cwd-train``, ``cwd-eval``), their parser and value checks.
 """
 __version__ = "0.2.0"

@@ -1,1 +1,2 @@
-"""The command lines: ``train.py``/``cwd-train`` (:mod:`.train`) and ``evaluate.py``/``cwd-eval`` (:mod:`.evaluate`)."""
+"""The command lines: ``train.py``/``cwd-train`` (:mod:`.train`), ``evaluate.py``/``cwd-eval`` (:mod:`.evaluate`),
+``predict.py`` (:mod:`.predict`); their shared parser (:mod:`.parser`) and value checks (:mod:`.checks`)."""

@@ -203,7 +203,7 @@ def _predict_split(model: nn.Module, loader: DataLoader, protocol: dict, device:
     num_images = 0
     was_training = model.training
     model.eval()
-    bar = _progress(len(loader.dataset), f"eval {split}", progress)
+    bar = progress_bar(len(loader.dataset), f"eval {split}", progress)
     start = time.perf_counter()
     try:
         for batch in loader:
@@ -240,11 +240,12 @@ def _predict_split(model: nn.Module, loader: DataLoader, protocol: dict, device:
 
 
 class _PlainProgress:
-    """Progress as whole lines (about every tenth of the split) for logs, where a bar's carriage
+    """Progress as whole lines (about every tenth of the total) for logs, where a bar's carriage
     returns pile up; the same update/set_postfix/close calls as tqdm."""
 
-    def __init__(self, total: int, desc: str) -> None:
+    def __init__(self, total: int, desc: str, unit: str = "images") -> None:
         self.total, self.desc, self.n, self.postfix, self.next_at = total, desc, 0, "", max(1, total // 10)
+        self.unit = unit
 
     def update(self, n: int) -> None:
         self.n += n
@@ -256,7 +257,7 @@ class _PlainProgress:
         self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
 
     def _print(self) -> None:
-        print(f"{self.desc}: {self.n}/{self.total} images" + (f" ({self.postfix})" if self.postfix else ""),
+        print(f"{self.desc}: {self.n}/{self.total} {self.unit}" + (f" ({self.postfix})" if self.postfix else ""),
               file=sys.stderr, flush=True)
 
     def close(self) -> None:
@@ -264,11 +265,11 @@ class _PlainProgress:
             self._print()
 
 
-def _progress(total: int, desc: str, enabled: bool):
-    """A tqdm bar on a terminal, plain lines otherwise, nothing when disabled."""
+def progress_bar(total: int, desc: str, enabled: bool, unit: str = "images"):
+    """A tqdm bar on a terminal, plain lines otherwise (a log file), nothing when disabled."""
     if enabled and not sys.stderr.isatty():
-        return _PlainProgress(total, desc)
-    return tqdm(total=total, unit="img", disable=not enabled, desc=desc, dynamic_ncols=True)
+        return _PlainProgress(total, desc, unit)
+    return tqdm(total=total or None, unit=unit, disable=not enabled, desc=desc, dynamic_ncols=True)
 
 
 def _report(conf: ConfusionMatrix, label_pngs: list[Path], num_images: int, seconds: float, protocol: dict,
