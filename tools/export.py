@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cwdseg.cli.checks import OutputNameError, safe_child, writable_folder_error
 from cwdseg.cli.parser import ArgumentParser
 from cwdseg.checkpoint import CheckpointError, atomic_write_text
 from cwdseg.data import DatasetError
@@ -116,7 +117,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error(str(exc))
     source = resolve_source(args.source, args.select, args.eval_json, args.config_json)
     name = args.name or source.name
+    if args.name is not None:
+        try:
+            safe_child(Path(args.out_dir or "outputs/export"), args.name, "--name")  # file stems stay in --out-dir
+        except OutputNameError as exc:
+            parser.error(str(exc))
     out_dir = Path(args.out_dir or Path("outputs") / "export" / name)
+    unwritable = writable_folder_error("--out-dir", out_dir)
+    if unwritable:
+        parser.error(unwritable)
     files = {"onnx": f"{name}.onnx", "safetensors": f"{name}.safetensors"}
     files = {k: v for k, v in files.items() if k in args.formats} | {"metadata": f"{name}.json",
                                                                        "model_card": "MODEL_CARD.md"}
@@ -168,6 +177,9 @@ def cli(argv: list[str] | None = None) -> int:
         main(argv)
     except (ExportSourceError, ExportError, CheckpointError, EvaluationError) as exc:
         print(f"export.py: error: {exc}", file=sys.stderr)
+        return 2
+    except PermissionError as exc:  # a file inside --out-dir that may not be replaced
+        print(f"export.py: error: {exc.filename}: {exc.strerror}; choose a writable --out-dir", file=sys.stderr)
         return 2
     return 0
 

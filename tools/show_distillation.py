@@ -81,6 +81,18 @@ def _channels(args: argparse.Namespace, names: list[str], dist) -> list[int]:
     return picked
 
 
+def _load(path: str, flag: str, num_classes: int) -> tuple[torch.nn.Module, str]:
+    """``load_model`` with every error naming the flag whose file it is (not evaluate.py's --restore-from)."""
+    if Path(path).is_dir():
+        raise ShowError(f"{flag} {path}: is a folder, not a checkpoint file; pass a .pth file in it")
+    if not Path(path).is_file():
+        raise ShowError(f"{flag} {path}: no such file")
+    try:
+        return load_model(path, None, num_classes)
+    except (CheckpointError, EvaluationError) as exc:
+        raise ShowError(f"{flag}: {exc}") from None
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Returns the JSON written beside the PNG (per-channel KL, loss, channels drawn)."""
     args = get_args_parser().parse_args(argv)
@@ -94,8 +106,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     image_bgr, source = _pick_image(args)
     if args.resize:
         image_bgr = cv2.resize(image_bgr, (args.resize[1], args.resize[0]), interpolation=cv2.INTER_LINEAR)
-    teacher, teacher_arch = load_model(args.teacher, None, args.num_classes)
-    student, student_arch = load_model(args.student, None, args.num_classes)
+    teacher, teacher_arch = _load(args.teacher, "--teacher", args.num_classes)
+    student, student_arch = _load(args.student, "--student", args.num_classes)
     x = torch.from_numpy(apply(ORIGINAL, image_bgr))[None]
     with torch.no_grad():
         t_logits = LogitsOnly(teacher.eval())(x)

@@ -24,11 +24,14 @@ Export details, each checked by ``tests/test_export.py`` at two input sizes:
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import json
+import logging
+import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -107,6 +110,22 @@ class LogitsOnly(nn.Module):
         return out[0] if isinstance(out, (tuple, list)) else out
 
 
+@contextlib.contextmanager
+def quiet_exporter() -> Iterator[None]:
+    """Silence what the exporter says about itself, none of it the user's concern: one log line per
+    torchvision operator it cannot register (torchvision is not a dependency here) and torch's own
+    ``LeafSpec`` deprecation warning from inside ``torch.export``. Other warnings still show."""
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
+            yield
+    finally:
+        registration.setLevel(level)
+
+
 def export_onnx(model: nn.Module, path: str | Path, normalization: Normalization = ORIGINAL,
                 fold_normalization: bool = False, metadata: dict[str, Any] | None = None,
                 example_size: tuple[int, int] = (64, 64), opset: int = 18) -> Path:
@@ -123,9 +142,10 @@ def export_onnx(model: nn.Module, path: str | Path, normalization: Normalization
     example = torch.zeros(2, 3, *example_size)
     dims = {"image": {0: Dim("batch"), 2: Dim("height"), 3: Dim("width")}}
     try:
-        torch.onnx.export(wrapper, (example,), str(path), dynamo=True, input_names=[INPUT_NAME],
-                          output_names=[OUTPUT_NAME], dynamic_shapes=dims, opset_version=opset,
-                          verbose=False, optimize=True, external_data=False)
+        with quiet_exporter():
+            torch.onnx.export(wrapper, (example,), str(path), dynamo=True, input_names=[INPUT_NAME],
+                              output_names=[OUTPUT_NAME], dynamic_shapes=dims, opset_version=opset,
+                              verbose=False, optimize=True, external_data=False)
     except Exception as exc:  # the exporter's own errors are long; keep the first line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ExportError(f"ONNX export of {type(unwrap_model(model)).__name__} failed: {first}") from exc
