@@ -207,12 +207,14 @@ def infer_arch(state_dict: dict) -> str:
             return f"deeplabv3_{depth}"
         raise CheckpointError("cannot tell the architecture of this state_dict: a DeepLabV3 head (head.aspp.*) on a "
                               "backbone that is neither CIRKD's deep-stem ResNet-18/101 (pretrained.conv1.weight "
-                              "[64, 3, 3, 3] ...) nor its MobileNetV2 (pretrained.net.features.0.0.weight [32, 3, 3, 3])"
+                              "[64, 3, 3, 3] ...) nor its MobileNetV2 (pretrained.net.features.0.0.weight "
+                              "[32, 3, 3, 3])"
                               + "".join(f"; {h}" for h in _hints(state_dict)))
     stem = state_dict.get("conv1.weight")
     if stem is None or tuple(stem.shape) != (64, 3, 3, 3) or "conv3.weight" not in state_dict:
         raise CheckpointError("cannot tell the architecture of this state_dict: it has no deep stem "
-                              "(conv1.weight [64, 3, 3, 3] ... conv3.weight, or pretrained.conv1.weight ... for CIRKD's)"
+                              "(conv1.weight [64, 3, 3, 3] ... conv3.weight, or pretrained.conv1.weight ... for "
+                              "CIRKD's)"
                               + "".join(f"; {h}" for h in _hints(state_dict)))
     depth = _resnet_depth(state_dict, "")
     if depth is not None:

@@ -5,11 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cwdseg.distill import discriminator_wgan_gp_loss, generator_adversarial_loss, gradient_penalty
 from cwdseg.models.abn import ABN
 from cwdseg.models.connector import FeatureConnector
 from cwdseg.models.discriminator import Discriminator, SelfAttention, convert_original_state_dict
 from cwdseg.models.spectral_norm import SpectralNorm
-from cwdseg.distill import discriminator_wgan_gp_loss, generator_adversarial_loss, gradient_penalty
 
 SN_LAYERS = ("l1", "l2", "l3", "l4")
 

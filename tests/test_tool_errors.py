@@ -2,7 +2,6 @@
 line naming the culprit and the fix (issue 26). The README's Troubleshooting counts these (``TOOL_CASES``)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import cv2

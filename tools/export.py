@@ -1,7 +1,8 @@
 """Export a trained student to ONNX and safetensors, with a metadata JSON and a model card.
 
     python tools/export.py ckpt/False_False_False_channel_kl_3_4_v1                    # a run folder
-    python tools/export.py ckpt/new_rn18-cityscape_singleAndWhole_val-75.02_test-73.86.pth --eval-json outputs/rn18/results.json
+    python tools/export.py ckpt/new_rn18-cityscape_singleAndWhole_val-75.02_test-73.86.pth \\
+        --eval-json outputs/rn18/results.json
     python tools/export.py RUN_DIR --select best-val --fold-normalization --out-dir outputs/export/best
 
 Writes into ``--out-dir`` (default ``outputs/export/<name>``): ``<name>.onnx`` (logits at the output
@@ -19,9 +20,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cwdseg.checkpoint import CheckpointError, atomic_write_text
 from cwdseg.cli.checks import OutputNameError, safe_child, writable_folder_error
 from cwdseg.cli.parser import ArgumentParser
-from cwdseg.checkpoint import CheckpointError, atomic_write_text
 from cwdseg.data import DatasetError
 from cwdseg.data.labels import CLASS_NAMES, NUM_CLASSES, TRAIN_ID_COLORS
 from cwdseg.data.registry import DATASETS, dataset_info
@@ -51,10 +52,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("source", help="a train.py run folder (ckpt/<NAME>/) or a weight file (.pth, last.pth)")
     p.add_argument("--out-dir", default=None, help="where to write; default outputs/export/<name>")
-    p.add_argument("--name", default=None, help="file stem of the exports; default: the run's save name or the file stem")
+    p.add_argument("--name", default=None,
+                   help="file stem of the exports; default: the run's save name or the file stem")
     p.add_argument("--select", choices=SELECTIONS, default="final",
                    help="run folder: the final-iteration student, or best_val_G.pth (chosen on val: optimistic)")
-    p.add_argument("--eval-json", default=None, help="evaluate.py results.json or a run's eval.json for the val numbers")
+    p.add_argument("--eval-json", default=None,
+                   help="evaluate.py results.json or a run's eval.json for the val numbers")
     p.add_argument("--config-json", default=None, help="a run's config.json for the recipe (run folders: read itself)")
     p.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS), help="what to write")
     p.add_argument("--num-classes", type=int, default=None,
@@ -103,7 +106,8 @@ def read_classes(path: str | None, num_classes: int, dataset: str | None = None,
     names = [it if isinstance(it, str) else it.get("name") for it in items]
     colors = [[128, 128, 128] if isinstance(it, str) else it.get("color") for it in items]
     if any(not isinstance(n, str) for n in names) or any(not isinstance(c, list) or len(c) != 3 for c in colors):
-        raise ExportSourceError(f"--classes {path}: each entry must be a name or {{\"name\": ..., \"color\": [r, g, b]}}")
+        raise ExportSourceError(f"--classes {path}: each entry must be a name or "
+                                f"{{\"name\": ..., \"color\": [r, g, b]}}")
     return class_table(names, colors)
 
 

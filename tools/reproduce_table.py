@@ -6,7 +6,8 @@ measured mIoU side by side.
 Every file of :data:`RELEASED_CHECKPOINTS` found in ``--ckpt-dir`` is evaluated with the protocol its
 number was published with (all of them: whole 1024x2048 image, one scale, no flip, on val); a missing
 file is reported with where to get it. Each file is read with the input normalisation of its
-architecture (``cwdseg.models.NORMALIZATION``: Caffe BGR for all of them). The table is printed and written as JSON and markdown into
+architecture (``cwdseg.models.NORMALIZATION``: Caffe BGR for all of them). The table is printed and written
+as JSON and markdown into
 ``--out-dir``. Exit status 1 when no checkpoint could be evaluated. The ImageNet initialisation
 (``resnet18-imagenet.pth``) has no mIoU and is not listed. Test-split numbers come from the
 benchmark server: with ``--split test`` each checkpoint's ``submission.zip`` is written instead.
@@ -21,15 +22,22 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from cwdseg.cli.parser import ArgumentParser
 from cwdseg.checkpoint import CheckpointError
 from cwdseg.cli.checks import writable_folder_error
+from cwdseg.cli.parser import ArgumentParser
 from cwdseg.data import DatasetError
 from cwdseg.engine.distributed import DeviceError, resolve_device
 from cwdseg.engine.precision import AMP_CHOICES
+from cwdseg.evaluation.loop import (
+    EvaluationError,
+    build_eval_dataset,
+    build_eval_loader,
+    checkpoint_normalization,
+    evaluate_model,
+    load_model,
+    sha256_file,
+)
 from cwdseg.models import canonical_arch
-from cwdseg.evaluation.loop import EvaluationError, build_eval_dataset, build_eval_loader, checkpoint_normalization, \
-    evaluate_model, load_model, sha256_file
 
 SEE_README = "see TorchDistiller README"
 # mIoU points within which a measurement counts as reproducing the published figure: the README's own
@@ -97,7 +105,8 @@ def reproduce(
     Rows: ``file, description, arch, published_val, published_test, link, note, protocol, status,
     message, measured_miou_percent`` (mIoU in percent on ``split``, None for test or when not evaluated),
     ``delta_points`` (measured - published on val, percentage points; ``published_val`` / ``published_test``
-    are stored as ``published_val_percent`` / ``published_test_percent``), ``sha256``, ``results`` (the evaluate_model dict).
+    are stored as ``published_val_percent`` / ``published_test_percent``), ``sha256``, ``results`` (the
+    evaluate_model dict).
     """
     ckpt_dir = Path(ckpt_dir)
     dev = resolve_device(device)
@@ -168,7 +177,8 @@ def _fmt(value: float | None) -> str:
 def format_markdown(rows: Sequence[dict], split: str = "val", max_images: int | None = None) -> str:
     """The side-by-side table as markdown (mIoU in percent)."""
     published = "published val" if split == "val" else "published test"
-    lines = [f"| checkpoint | arch | protocol | {published} mIoU (%) | measured {split} mIoU (%) | Δ (points) | status |",
+    lines = [f"| checkpoint | arch | protocol | {published} mIoU (%) | measured {split} mIoU (%) | Δ (points) "
+             "| status |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         p = r["protocol"]

@@ -1,7 +1,8 @@
 """Draw what channel-wise distillation compares, for one image and a teacher/student pair.
 
     python tools/show_distillation.py --teacher ckpt/teacher_city.pth --student ckpt/<student>.pth --image street.png
-    python tools/show_distillation.py --teacher T.pth --student S.pth --data-dir data/cityscapes --index 0 --channels car person road
+    python tools/show_distillation.py --teacher T.pth --student S.pth --data-dir data/cityscapes --index 0 \\
+        --channels car person road
 
 For each class channel of the logits: the teacher's and the student's distribution over the image
 positions at temperature τ (softmax over H·W of logits/τ), and the pointwise KL terms; on top, the
@@ -22,8 +23,8 @@ import cv2
 import numpy as np
 import torch
 
-from cwdseg.cli.parser import ArgumentParser
 from cwdseg.checkpoint import CheckpointError, atomic_write_text
+from cwdseg.cli.parser import ArgumentParser
 from cwdseg.data import DatasetError
 from cwdseg.data.labels import CLASS_NAMES, NUM_CLASSES
 from cwdseg.evaluation.loop import EvaluationError, build_eval_dataset, load_model

@@ -1,9 +1,11 @@
-"""Evaluate a segmentation checkpoint (PSPNet, CIRKD's DeepLabV3) on Cityscapes val (mIoU) or predict the test split for the server.
+"""Evaluate a segmentation checkpoint (PSPNet, CIRKD's DeepLabV3) on a labelled split (mIoU), or predict
+Cityscapes' test split for the server.
 
 The defaults are the protocol of every published number of the original code ("singleAndWhole"):
 the whole 1024x2048 image in one forward, one scale, no flip, fp32.
 
-    python evaluate.py --data-dir data/cityscapes --restore-from ckpt/new_rn18-cityscape_singleAndWhole_val-75.02_test-73.86.pth
+    python evaluate.py --data-dir data/cityscapes \\
+        --restore-from ckpt/new_rn18-cityscape_singleAndWhole_val-75.02_test-73.86.pth
     python evaluate.py --data-dir D --restore-from ckpt/teacher_city.pth --save-dir outputs/teacher --official-check
     python evaluate.py --data-dir D --restore-from CKPT --split test --save-dir outputs/test   # -> submission zip
     python evaluate.py ... --mode sliding --tile 512 512 --overlap 1/3 --scales 0.75 1.0 1.25 --flip
@@ -13,7 +15,8 @@ input normalisation follows it (the one its weights were trained with; ``--norma
 ``--save-dir`` it writes ``results.json`` and the predictions: for val colour PNGs (official Cityscapes
 palette), trainId PNGs, labelId PNGs and ``class_iou.png`` (per-class IoU bars; ``--compare`` another
 results.json, e.g. the teacher's, to draw both); for test labelId PNGs named ``<city>_<seq>_<frame>_leftImg8bit.png``
-and ``submission.zip`` of them. The library behind it is :mod:`cwdseg.evaluation`; ``evaluate.py`` and ``cwd-eval`` call :func:`cli`.
+and ``submission.zip`` of them. The library behind it is :mod:`cwdseg.evaluation`; ``evaluate.py`` and
+``cwd-eval`` call :func:`cli`.
 """
 from __future__ import annotations
 
@@ -26,21 +29,30 @@ from typing import Any
 
 import torch
 
-from cwdseg.cli.parser import ArgumentParser
 from cwdseg.checkpoint import CheckpointError, atomic_write_text
 from cwdseg.cli.checks import eval_value_errors, overlap_arg
+from cwdseg.cli.parser import ArgumentParser
 from cwdseg.data import DatasetError
-from cwdseg.data.registry import DATASETS, dataset_info
 from cwdseg.data.cityscapes import default_num_workers
+from cwdseg.data.registry import DATASETS, dataset_info
+from cwdseg.data.transforms import NORMALIZATIONS
 from cwdseg.engine.distributed import DeviceError, resolve_device
 from cwdseg.engine.precision import AMP_CHOICES
-from cwdseg.data.transforms import NORMALIZATIONS
-from cwdseg.evaluation.loop import SPLITS, EvaluationError, _as_amp_dtype, build_eval_dataset, build_eval_loader, \
-    checkpoint_normalization, evaluate_model, load_model, sha256_file
-from cwdseg.models import ARCH_NAMES
+from cwdseg.evaluation.loop import (
+    SPLITS,
+    EvaluationError,
+    _as_amp_dtype,
+    build_eval_dataset,
+    build_eval_loader,
+    checkpoint_normalization,
+    evaluate_model,
+    load_model,
+    sha256_file,
+)
 from cwdseg.evaluation.metrics import format_table
 from cwdseg.evaluation.official import run_official_check
 from cwdseg.evaluation.outputs import prepare_save_dir, remove_outputs
+from cwdseg.models import ARCH_NAMES
 from cwdseg.viz.bars import plot_class_iou_bars
 
 __all__ = ["EvaluationError", "_as_amp_dtype", "build_eval_dataset", "build_eval_loader", "evaluate_model",
@@ -49,7 +61,8 @@ __all__ = ["EvaluationError", "_as_amp_dtype", "build_eval_dataset", "build_eval
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """The command line of evaluate.py (reusable by other scripts through ``parents=``)."""
-    p = ArgumentParser(description="Evaluate a segmentation checkpoint on a dataset (Cityscapes by default)", add_help=add_help,
+    p = ArgumentParser(description="Evaluate a segmentation checkpoint on a dataset (Cityscapes by default)",
+                       add_help=add_help,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default=os.environ.get("DATASET", "cityscapes"), choices=sorted(DATASETS),

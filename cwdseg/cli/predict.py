@@ -1,7 +1,9 @@
 """Run a segmentation network on your own images and videos: colour overlays, class-id PNGs, annotated videos.
 
-    python predict.py --restore-from ckpt/new_rn18-cityscape_singleAndWhole_val-75.02_test-73.86.pth --input photos/ --output-dir outputs/photos
-    python predict.py --restore-from outputs/export/student/student.onnx --input dashcam.mp4 --output-dir outputs/dashcam
+    python predict.py --restore-from ckpt/new_rn18-cityscape_singleAndWhole_val-75.02_test-73.86.pth \\
+        --input photos/ --output-dir outputs/photos
+    python predict.py --restore-from outputs/export/student/student.onnx --input dashcam.mp4 \\
+        --output-dir outputs/dashcam
     python predict.py --restore-from CKPT --input 'frames/*.jpg' --output-dir OUT --mode sliding --batch-size 4
 
 ``--restore-from`` is a checkpoint of any architecture ``evaluate.py`` reads (the architecture comes
@@ -35,19 +37,28 @@ import numpy as np
 import torch
 from torch import nn
 
-from cwdseg.cli.parser import ArgumentParser
 from cwdseg.checkpoint import CheckpointError
+from cwdseg.cli.checks import overlap_arg, writable_folder_error
+from cwdseg.cli.parser import ArgumentParser
 from cwdseg.data import DatasetError
 from cwdseg.data.labels import CLASS_NAMES, NUM_CLASSES, TRAIN_ID_COLORS
 from cwdseg.data.registry import DATASETS, dataset_info
+from cwdseg.data.transforms import Normalization
 from cwdseg.engine.distributed import DeviceError, resolve_device
 from cwdseg.engine.precision import AMP_CHOICES
-from cwdseg.cli.checks import overlap_arg, writable_folder_error
 from cwdseg.evaluation.inference import input_size_error, predict_logits
 from cwdseg.evaluation.loop import EvaluationError, _as_amp_dtype, load_model, progress_bar
-from cwdseg.evaluation.media import DECODERS, MediaError, MediaItem, VideoSink, discover, prefetch, read_image, \
-    read_video, video_info
-from cwdseg.data.transforms import Normalization
+from cwdseg.evaluation.media import (
+    DECODERS,
+    MediaError,
+    MediaItem,
+    VideoSink,
+    discover,
+    prefetch,
+    read_image,
+    read_video,
+    video_info,
+)
 from cwdseg.export.normalization import ORIGINAL, apply, channel_order, describe, from_dict, make
 from cwdseg.viz.overlay import overlay_with_legend
 

@@ -21,7 +21,8 @@ _valid[: MAX_LABEL_ID + 1] = True
 CITYSCAPES_INFO = DatasetInfo(
     name="cityscapes", class_names=CLASS_NAMES, colors=TRAIN_ID_COLORS.copy(),
     file_to_class=LABEL_ID_TO_TRAIN_ID.copy(), valid_values=_valid, counts=dict(CITYSCAPES_COUNTS),
-    ignore_description="labelIds without a trainId", label_description="*_labelIds.png -> trainIds by the official table",
+    ignore_description="labelIds without a trainId",
+    label_description="*_labelIds.png -> trainIds by the official table",
 )
 CITYSCAPES_LAYOUT = """  <root>/leftImg8bit/<split>/<city>/*_leftImg8bit.png
   <root>/gtFine/<split>/<city>/*_gtFine_labelIds.png"""

@@ -28,7 +28,6 @@ NOTE (for the README) -- deliberate departures from the original ``utils/criteri
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn

@@ -224,8 +224,8 @@ def parse_entry(entry: str) -> tuple[str, dict[str, Any]]:
             continue
         if not sep or key not in method.options:
             known = ", ".join(["on", *method.options]) if len(method.taps) > 1 else ", ".join(method.options) or "none"
-            raise DistillSpecError(f"--distill {entry!r}: unknown option {item!r} for {name}; its options: {known}"
-                                   + (f"; terms are separated by spaces: --distill {head} {item}" if key in TERM_NAMES else ""))
+            raise DistillSpecError(f"--distill {entry!r}: unknown option {item!r} for {name}; its options: {known}" + (
+                f"; terms are separated by spaces: --distill {head} {item}" if key in TERM_NAMES else ""))
         out[key] = _parse_value(name, key, raw, method.options[key], method.choices.get(key))
     return name, out
 

@@ -105,7 +105,8 @@ def _network_logits(model: nn.Module, x: torch.Tensor, autocast: contextlib.Abst
     if isinstance(out, (tuple, list)):
         out = out[0]
     if not isinstance(out, torch.Tensor) or out.ndim != 4:
-        raise TypeError(f"the model must return logits [N,C,h,w] or a tuple starting with them, got {type(out).__name__}")
+        raise TypeError(f"the model must return logits [N,C,h,w] or a tuple starting with them, "
+                        f"got {type(out).__name__}")
     return out.float()
 
 

@@ -17,14 +17,20 @@ from tqdm import tqdm
 
 from cwdseg.checkpoint import infer_arch, load_state_dict_file, load_student, load_teacher
 from cwdseg.data import build_loader
+from cwdseg.data.labels import CLASS_NAMES, NUM_CLASSES
 from cwdseg.data.registry import build_dataset
 from cwdseg.data.transforms import NORMALIZATIONS, Normalization
-from cwdseg.data.labels import CLASS_NAMES, NUM_CLASSES
 from cwdseg.engine.precision import amp_dtype
 from cwdseg.evaluation.inference import input_size_error, parse_overlap, predict_logits, tile_stride
 from cwdseg.evaluation.metrics import ConfusionMatrix, iou_from_confusion
-from cwdseg.evaluation.writers import COLOR_DIR, LABEL_ID_DIR, SUBMISSION_ZIP, TRAIN_ID_DIR, write_predictions, \
-    write_submission_zip
+from cwdseg.evaluation.writers import (
+    COLOR_DIR,
+    LABEL_ID_DIR,
+    SUBMISSION_ZIP,
+    TRAIN_ID_DIR,
+    write_predictions,
+    write_submission_zip,
+)
 from cwdseg.models import NORMALIZATION, arch_spec, build_model, canonical_arch
 
 SPLITS = ("val", "test")
@@ -153,7 +159,8 @@ def evaluate_model(
     The model is put in eval mode for the loop (its previous mode is restored). Predictions are the
     argmax of :func:`cwdseg.evaluation.inference.predict_logits`, computed on ``device`` (default: the
     model's); the confusion matrix accumulates there too. On Cityscapes' ``split="test"`` the labels are
-    dummies, so no metrics are computed (``miou`` etc. are None); other datasets' test labels are scored. With ``save_dir`` the prediction PNGs
+    dummies, so no metrics are computed (``miou`` etc. are None); other datasets' test labels are scored.
+    With ``save_dir`` the prediction PNGs
     are written (see :func:`cwdseg.evaluation.writers.write_predictions`) and, for test,
     ``submission.zip``; ``results.json`` is left to the caller. Scores are fractions in [0, 1].
     ``info`` (a :class:`cwdseg.data.info.DatasetInfo`; default: the loader's dataset's, else Cityscapes)

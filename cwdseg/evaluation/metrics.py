@@ -21,7 +21,8 @@ from typing import Sequence
 import torch
 
 
-def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int = 19, ignore: int = 255) -> torch.Tensor:
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int = 19,
+                     ignore: int = 255) -> torch.Tensor:
     """The ``[num_classes, num_classes]`` int64 confusion matrix (``conf[gt, pred]``) of one batch.
 
     ``pred`` and ``target`` hold class ids of the same shape (any integer dtype). Pixels with

@@ -35,7 +35,8 @@ def prepare_save_dir(save_dir: Path, checkpoint: str, overwrite: bool) -> None:
                               f"choose an empty --save-dir, or pass --overwrite to clear it first")
     foreign = sorted(p.name for p in save_dir.iterdir() if p.name not in OUTPUTS)
     if foreign:
-        raise EvaluationError(f"--save-dir {save_dir} holds files evaluate.py did not write ({', '.join(foreign[:5])}); "
+        raise EvaluationError(f"--save-dir {save_dir} holds files evaluate.py did not write "
+                              f"({', '.join(foreign[:5])}); "
                               "--overwrite clears only evaluation outputs: choose another --save-dir")
     remove_outputs(save_dir)
     print(f"--overwrite: cleared the previous outputs in {save_dir}")

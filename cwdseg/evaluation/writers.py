@@ -10,7 +10,13 @@ import cv2
 import torch
 
 from cwdseg.data import IMG_MEAN_BGR
-from cwdseg.viz.segmaps import image_from_network_input, save_color_png, save_label_id_png, save_panel, save_train_id_png
+from cwdseg.viz.segmaps import (
+    image_from_network_input,
+    save_color_png,
+    save_label_id_png,
+    save_panel,
+    save_train_id_png,
+)
 
 # Sub-folders of --save-dir; labelIds/ alone is what the official evaluator or the server should read.
 COLOR_DIR, TRAIN_ID_DIR, LABEL_ID_DIR, PANEL_DIR = "color", "trainIds", "labelIds", "panels"

@@ -83,7 +83,7 @@ def _is_global(output_size: Any) -> bool:
 def export_ready(model: nn.Module) -> nn.Module:
     """A copy of ``model`` in eval mode, on the CPU, with non-global adaptive pooling made exact for ONNX."""
     net = copy.deepcopy(model).cpu().eval()
-    for name, module in list(net.named_modules()):
+    for _name, module in list(net.named_modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.AdaptiveAvgPool2d) and not _is_global(child.output_size):
                 setattr(module, child_name, ExactAdaptiveAvgPool2d(child.output_size))
@@ -209,8 +209,9 @@ def _session(path: str | Path, device: torch.device | None = None):
                           f"export it again with tools/export.py") from exc
 
 
-def compare_with_onnxruntime(model: nn.Module, path: str | Path, sizes: Sequence[tuple[int, int]] = ((64, 64), (96, 128)),
-                             batch: int = 2, normalization: Normalization | None = None, seed: int = 0) -> dict[str, float]:
+def compare_with_onnxruntime(model: nn.Module, path: str | Path,
+                             sizes: Sequence[tuple[int, int]] = ((64, 64), (96, 128)), batch: int = 2,
+                             normalization: Normalization | None = None, seed: int = 0) -> dict[str, float]:
     """Max |logit difference| between ONNX Runtime and the PyTorch model (fp32, eval) per input size.
 
     Inputs are random images (uint8 pixels through ``normalization`` when the graph takes raw values,
