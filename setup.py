@@ -30,6 +30,6 @@ setup(
         "cluster": ["submitit>=1.5"],
         "video": ["av>=12"],
         "test": ["pytest>=7", "pyspng>=0.1.2", "onnx>=1.14", "onnxruntime>=1.16", "onnxscript>=0.1",
-                 "safetensors>=0.4", "submitit>=1.5", "av>=12"],
+                 "safetensors>=0.4", "submitit>=1.5", "av>=12", "ruff==0.17.6"],
     },
 )
