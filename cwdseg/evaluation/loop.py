@@ -251,20 +251,21 @@ class _PlainProgress:
     returns pile up; the same update/set_postfix/close calls as tqdm."""
 
     def __init__(self, total: int, desc: str, unit: str = "images") -> None:
-        self.total, self.desc, self.n, self.postfix, self.next_at = total, desc, 0, "", max(1, total // 10)
-        self.unit = unit
+        self.step = max(1, total // 10) if total else 100  # an unknown total (some videos): every 100
+        self.total, self.desc, self.n, self.postfix, self.next_at, self.unit = total, desc, 0, "", self.step, unit
 
     def update(self, n: int) -> None:
         self.n += n
-        if self.n >= self.next_at and self.n < self.total:
+        if self.n >= self.next_at and (not self.total or self.n < self.total):
             self._print()
-            self.next_at = self.n + max(1, self.total // 10)
+            self.next_at = self.n + self.step
 
     def set_postfix(self, **values: str) -> None:
         self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
 
     def _print(self) -> None:
-        print(f"{self.desc}: {self.n}/{self.total} {self.unit}" + (f" ({self.postfix})" if self.postfix else ""),
+        done = f"{self.n}/{self.total}" if self.total else str(self.n)
+        print(f"{self.desc}: {done} {self.unit}" + (f" ({self.postfix})" if self.postfix else ""),
               file=sys.stderr, flush=True)
 
     def close(self) -> None:
