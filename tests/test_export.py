@@ -294,8 +294,8 @@ def test_exporter_chatter_is_silenced_but_other_warnings_show(monkeypatch, tmp_p
     def chatty_export(*args, **kwargs):
         logging.getLogger("torch.onnx._internal.exporter._registration").warning(
             "torchvision is not installed. Skipping torchvision::nms")
-        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated", FutureWarning)
-        warnings.warn("the user's own concern", UserWarning)
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated", FutureWarning, stacklevel=2)
+        warnings.warn("the user's own concern", UserWarning, stacklevel=2)
         raise RuntimeError("stop here")
 
     monkeypatch.setattr(torch.onnx, "export", chatty_export)
