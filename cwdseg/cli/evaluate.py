@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from cwdseg.api import evaluate_split, load
 from cwdseg.checkpoint import CheckpointError, atomic_write_text
 from cwdseg.cli.checks import eval_value_errors, overlap_arg
 from cwdseg.cli.parser import ArgumentParser
@@ -44,14 +45,13 @@ from cwdseg.evaluation.loop import (
     _as_amp_dtype,
     build_eval_dataset,
     build_eval_loader,
-    checkpoint_normalization,
     evaluate_model,
     load_model,
-    sha256_file,
 )
 from cwdseg.evaluation.metrics import format_table
 from cwdseg.evaluation.official import run_official_check
 from cwdseg.evaluation.outputs import prepare_save_dir, remove_outputs
+from cwdseg.export.onnx import ExportError
 from cwdseg.models import ARCH_NAMES
 from cwdseg.viz.bars import plot_class_iou_bars
 
@@ -65,8 +65,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                        add_help=add_help,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default=os.environ.get("DATASET", "cityscapes"), choices=sorted(DATASETS),
-                   help="dataset layout and label convention of --data-dir (from $DATASET when set)")
+    g.add_argument("--dataset", default=os.environ.get("DATASET"), choices=sorted(DATASETS),
+                   help="dataset layout and label convention of --data-dir; default: $DATASET, else the one a "
+                        "toolkit student file records, else cityscapes")
     g.add_argument("--data-dir", required=True, help="dataset root (Cityscapes: holds leftImg8bit/ and gtFine/)")
     g.add_argument("--split", choices=SPLITS, default="val", help="val: mIoU; test: labelId PNGs for the server")
     g.add_argument("--data-list", default=None,
@@ -145,58 +146,51 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     errors = eval_value_errors(args)
     if errors:
         parser.error("; ".join(errors))
-    if args.official_check and args.dataset != "cityscapes":
-        parser.error("--official-check runs cityscapesscripts, which scores Cityscapes only; drop it for "
-                     f"--dataset {args.dataset}")
-    info = dataset_info(args.dataset, args.data_dir)
-    if args.num_classes is None:
-        args.num_classes = info.num_classes
-    elif args.num_classes != info.num_classes:
-        parser.error(f"--num-classes {args.num_classes} contradicts --dataset {args.dataset}, which has "
-                     f"{info.num_classes} classes; drop --num-classes")
-    compare = _read_compare(parser, args, list(info.class_names))
     device = resolve_device(args.device, args.gpu)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # every image has the same size
-
+    # A toolkit student file says what it is (architecture, classes, input, dataset); foreign files are
+    # recognised by their keys, with --dataset / --num-classes from the command line.
     restore = Path(args.restore_from)
     if restore.is_dir():
         parser.error(f"--restore-from {restore}: is a folder, not a checkpoint file; pass one of its files "
                      f"(e.g. {next(iter(sorted(restore.glob('*.pth'))), restore / 'city_<step>_G.pth')})")
-    model, arch = load_model(args.restore_from, args.arch, args.num_classes)
+    segmenter = load(args.restore_from, device=device, num_classes=args.num_classes, arch=args.arch,
+                     normalization=args.normalization, amp=args.amp, dataset=args.dataset)  # cwdseg.load
+    dataset = args.dataset or segmenter.dataset or "cityscapes"
+    if args.official_check and dataset != "cityscapes":
+        parser.error("--official-check runs cityscapesscripts, which scores Cityscapes only; drop it for "
+                     f"--dataset {dataset}")
+    info = dataset_info(dataset, args.data_dir)
+    if segmenter.num_classes != info.num_classes:
+        given = (f"--num-classes {args.num_classes}" if args.num_classes
+                 else f"{args.restore_from} ({segmenter.num_classes} classes)")
+        parser.error(f"{given} contradicts --dataset {dataset}, which has {info.num_classes} classes; "
+                     + ("drop --num-classes" if args.num_classes else "pass the dataset the network was trained on"))
+    compare = _read_compare(parser, args, list(info.class_names))
+
     save_dir = None if args.save_dir is None else Path(args.save_dir)
     fresh = save_dir is not None and (not save_dir.exists() or (save_dir.is_dir() and not any(save_dir.iterdir())))
     if save_dir is not None:
         prepare_save_dir(save_dir, args.restore_from, args.overwrite)
     try:
-        results = _evaluate(args, model, arch, device, compare)
+        return _evaluate(args, segmenter, dataset, compare)
     except BaseException:
         if fresh:  # a failed evaluation leaves nothing that would refuse the next one
             remove_outputs(save_dir, created=True)
         raise
-    return results
 
 
-def _evaluate(args: argparse.Namespace, model: torch.nn.Module, arch: str, device: torch.device,
-              compare: dict[str, Any] | None) -> dict[str, Any]:
+def _evaluate(args: argparse.Namespace, segmenter: Any, dataset: str, compare: dict[str, Any] | None) -> dict[str, Any]:
     """Evaluate, print, and write results.json and class_iou.png into --save-dir (when given)."""
-    normalization = checkpoint_normalization(arch, args.normalization)
-    dataset = build_eval_dataset(args.data_dir, args.split, args.data_list, args.max_images, dataset=args.dataset,
-                                 short_side=args.short_side, normalization=normalization)
-    loader = build_eval_loader(dataset, args.batch_size, args.num_workers)
-    print(f"evaluating {args.restore_from} ({arch}, input {normalization.name}) on {len(dataset)} {args.split} "
-          f"images, {args.mode} mode, scales {args.scales}, flip {args.flip}, amp {args.amp}, device {device}",
-          flush=True)
-
-    results = evaluate_model(
-        model, loader, num_classes=args.num_classes, mode=args.mode, tile=tuple(args.tile), overlap=args.overlap,
-        scales=tuple(args.scales), flip=args.flip, device=device, amp=args.amp, save_dir=args.save_dir,
-        split=args.split, progress=args.progress, tile_batch=args.tile_batch,
-    )
-    results["checkpoint"] = {"path": str(Path(args.restore_from).resolve()), "sha256": sha256_file(args.restore_from),
-                             "arch": arch, "normalization": normalization.name, "given_as": args.restore_from}
-    results["data"] = {"dataset": args.dataset, "data_dir": str(Path(args.data_dir).resolve()),
-                       "data_list": args.data_list, "max_images": args.max_images}
+    results, dataset = evaluate_split(
+        segmenter, args.data_dir, dataset=dataset, split=args.split, data_list=args.data_list,
+        max_images=args.max_images, mode=args.mode, tile=tuple(args.tile), overlap=args.overlap,
+        tile_batch=args.tile_batch, scales=tuple(args.scales), flip=args.flip, short_side=args.short_side,
+        batch_size=args.batch_size, num_workers=args.num_workers, save_dir=args.save_dir, progress=args.progress,
+        log=lambda line: print(line, flush=True))
+    if isinstance(results.get("checkpoint"), dict):
+        results["checkpoint"]["given_as"] = args.restore_from  # the legend of a later --compare
 
     if results["miou"] is not None:
         print(format_table(results))
@@ -255,7 +249,7 @@ def cli(argv: list[str] | None = None) -> int:
     """Console entry: :func:`main`, with clear one-line errors (exit status 2) instead of tracebacks."""
     try:
         main(argv)
-    except (EvaluationError, CheckpointError, DatasetError, DeviceError) as exc:
+    except (EvaluationError, CheckpointError, DatasetError, DeviceError, ExportError) as exc:
         print(f"evaluate.py: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,7 +1,6 @@
-"""Building the parts of a run from its arguments: models, loss criteria and weights, optimisers, engine."""
+"""Building the parts of a run from its configuration: models, loss criteria and weights, optimisers, engine."""
 from __future__ import annotations
 
-import argparse
 import inspect
 import sys
 from dataclasses import dataclass, field
@@ -11,11 +10,12 @@ import torch
 from torch import nn
 
 from cwdseg import checkpoint as ckpt
+from cwdseg.config import RunConfig
 from cwdseg.distill import CriterionDSN
-from cwdseg.distill.registry import build_term, connector_policy, method_of, resolve_spec, tap_of
+from cwdseg.distill.registry import build_term, connector_policy, method_of, tap_of
 from cwdseg.engine.distributed import DistInfo
-from cwdseg.engine.precision import AMP_DTYPES, autocast_context, resolve_amp
-from cwdseg.models import FEATURE_CHANNELS, NORMALIZATION, build_model, canonical_arch, output_size
+from cwdseg.engine.precision import AMP_DTYPES, autocast_context
+from cwdseg.models import FEATURE_CHANNELS, arch_spec, build_model, canonical_arch, output_size
 from cwdseg.models.abn import convert_sync_abn
 from cwdseg.models.connector import FeatureConnector
 from cwdseg.models.discriminator import Discriminator
@@ -51,7 +51,6 @@ class Term:
 class Criteria:
     dsn: CriterionDSN
     terms: dict[str, Term] = field(default_factory=dict)   # name -> term, in the spec's order (not adv)
-    ignore_label: int = 255
 
     @property
     def needs_teacher_feature(self) -> bool:
@@ -80,27 +79,15 @@ class Engine:
     scaler: torch.amp.GradScaler
     channels_last: bool
     dist: DistInfo
-    grad_accum: int = 1
-    cwd_feat: bool = False
 
 
-def distill_spec(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    """The run's resolved distillation spec (``train.resolve_args`` stores it as ``args.distill_terms``)."""
-    spec = getattr(args, "distill_terms", None)
-    return resolve_spec(args) if spec is None else spec
-
-
-def needs_teacher(args: argparse.Namespace) -> bool:
-    return bool(distill_spec(args))
-
-
-def build_connectors(args: argparse.Namespace, student_arch: str) -> nn.ModuleDict | None:
+def build_connectors(cfg: RunConfig) -> nn.ModuleDict | None:
     """A connector (student -> teacher channels) for each term that asks for one: always (CWD on the
     feature, as the original; FitNet's regressor) or only when the channel counts differ (PI on features)."""
     connectors = nn.ModuleDict()
-    for name, options in distill_spec(args).items():
+    s_ch, t_ch = FEATURE_CHANNELS[cfg.models.student_arch], FEATURE_CHANNELS[cfg.models.teacher_arch]
+    for name, options in cfg.distill.terms.items():
         policy = connector_policy(name, options)
-        s_ch, t_ch = FEATURE_CHANNELS[student_arch], FEATURE_CHANNELS[args.teacher_arch]
         if policy == "always" or (policy == "if_channels_differ" and s_ch != t_ch):
             if method_of(name).connector_kind == "conv":
                 connectors[name] = nn.Conv2d(s_ch, t_ch, kernel_size=1, bias=False)
@@ -114,37 +101,38 @@ def warn_loud(message: str) -> None:
     print(f"{bar}\n!! WARNING: {message}\n{bar}", file=sys.stderr, flush=True)
 
 
-def build_models(args: argparse.Namespace, info: DistInfo, log) -> Models:
-    device = info.device
-    student = build_model(args.student_arch, args.num_classes)
-    if not args.is_student_load_imgnet or args.student_pretrain_model_imgnet == RANDOM:
+def build_models(cfg: RunConfig, info: DistInfo, log) -> Models:
+    device, m, num_classes = info.device, cfg.models, cfg.data.num_classes
+    student = build_model(m.student_arch, num_classes)
+    if m.student_init == RANDOM:
         if info.is_main:
             warn_loud("the student starts from RANDOM weights (no ImageNet initialisation); "
-                      f"published numbers need {default_imagenet_init(args.student_arch)}")
+                      f"published numbers need {default_imagenet_init(m.student_arch)}")
     else:
-        report = ckpt.load_imagenet_backbone(student, args.student_pretrain_model_imgnet, verbose=info.is_main)
-        log(f"student initialised from {args.student_pretrain_model_imgnet}: "
+        report = ckpt.load_imagenet_backbone(student, m.student_init, verbose=info.is_main)
+        log(f"student initialised from {m.student_init}: "
             f"{len(report['loaded'])} tensors loaded, {len(report['skipped'])} skipped")
 
     teacher = None
-    if needs_teacher(args):
-        teacher = build_model(args.teacher_arch, args.num_classes)
-        if args.T_ckpt_path == RANDOM:
+    if cfg.needs_teacher:
+        teacher = build_model(m.teacher_arch, num_classes)
+        if m.teacher_ckpt == RANDOM:
             if info.is_main:
                 warn_loud("the teacher has RANDOM weights: the distillation terms teach nothing useful. "
-                          "This is for smoke tests and the demo; pass --teacher-ckpt ckpt/teacher_city.pth for real runs")
+                          f"This is for smoke tests and the demo; pass --teacher-ckpt {default_teacher_hint(cfg)} "
+                          "for real runs")
         else:
-            ckpt.load_teacher(teacher, args.T_ckpt_path)
-            log(f"teacher ({args.teacher_arch}) loaded from {args.T_ckpt_path}")
+            ckpt.load_teacher(teacher, m.teacher_ckpt)
+            log(f"teacher ({m.teacher_arch}) loaded from {m.teacher_ckpt}")
         teacher.eval().requires_grad_(False)
 
-    connector = build_connectors(args, getattr(args, "student_arch", "resnet18"))
-    discriminator = Discriminator(in_channels=args.num_classes) if "adv" in distill_spec(args) else None  # only when used (bug fix)
+    connector = build_connectors(cfg)
+    discriminator = Discriminator(in_channels=num_classes) if "adv" in cfg.distill.terms else None  # only when used (bug fix)
 
-    mem = torch.channels_last if args.channels_last else torch.contiguous_format
-    for m in (student, teacher, connector, discriminator):
-        if m is not None:
-            m.to(device=device, memory_format=mem)
+    mem = torch.channels_last if cfg.engine.channels_last else torch.contiguous_format
+    for module in (student, teacher, connector, discriminator):
+        if module is not None:
+            module.to(device=device, memory_format=mem)
     if info.distributed:
         # Statistics over the whole global batch, as InPlaceABNSync; works on NCCL and gloo.
         convert_sync_abn(student)
@@ -152,7 +140,7 @@ def build_models(args: argparse.Namespace, info: DistInfo, log) -> Models:
             convert_sync_abn(connector)
         student = sync_batch_norm(student, device, log)
     student_module = student
-    if args.compile:
+    if cfg.engine.compile:
         student = torch.compile(student)
         if teacher is not None:
             teacher = torch.compile(teacher)
@@ -168,19 +156,24 @@ def build_models(args: argparse.Namespace, info: DistInfo, log) -> Models:
     return Models(student, student_module, teacher, connector, discriminator)
 
 
-def build_criteria(args: argparse.Namespace) -> tuple[Criteria, Weights]:
+def default_teacher_hint(cfg: RunConfig) -> str:
+    """The teacher file a real run of this dataset would name (the original's for Cityscapes)."""
+    return "ckpt/teacher_city.pth" if cfg.data.dataset == "cityscapes" else f"ckpt/teacher_{cfg.data.dataset}.pth"
+
+
+def build_criteria(cfg: RunConfig) -> tuple[Criteria, Weights]:
     """The loss modules and weights of the spec (``--distill``/``--preset`` and the original flags,
     which are spec entries: ``--cwd`` is ``cwd`` [on the feature with ``--cwd-feat``], ``--kd`` is
     ``kd``, ``--adv`` is ``adv``). Every term resizes the student map to the teacher's size when the
     two differ (architectures can be a pixel apart)."""
-    criteria = Criteria(dsn=CriterionDSN(ignore_index=args.ignore_label), ignore_label=args.ignore_label)
+    ignore_label, num_classes = cfg.data.ignore_label, cfg.data.num_classes
+    criteria = Criteria(dsn=CriterionDSN(ignore_index=ignore_label))
     weights = Weights()
-    for name, options in distill_spec(args).items():
+    for name, options in cfg.distill.terms.items():
         if name == "adv":
             weights.adv, weights.d, weights.gp = options["weight"], options["d"], options["gp"]
             continue
-        criteria.terms[name] = Term(build_term(name, options, args.num_classes, args.ignore_label),
-                                    tap_of(name, options))
+        criteria.terms[name] = Term(build_term(name, options, num_classes, ignore_label), tap_of(name, options))
         weights.terms[name] = options["weight"]
     return criteria, weights
 
@@ -196,38 +189,27 @@ def maps_differ(teacher_arch: str, student_arch: str, input_size: tuple[int, int
     return output_size(teacher_arch, input_size) != output_size(student_arch, input_size)
 
 
-def resolve_model_args(args: argparse.Namespace) -> list[str]:
-    """Fill the per-architecture defaults of ``args`` (the two normalisations, the ImageNet file of
-    the student's backbone); returns :func:`model_pair_problems`."""
-    args.teacher_normalization = args.teacher_normalization or NORMALIZATION[args.teacher_arch]
-    args.student_normalization = args.student_normalization or NORMALIZATION[args.student_arch]
-    if args.student_pretrain_model_imgnet is None:
-        args.student_pretrain_model_imgnet = default_imagenet_init(args.student_arch)
-    return model_pair_problems(args)
-
-
-def model_pair_problems(args: argparse.Namespace) -> list[str]:
-    """What is wrong with the teacher/student pair of ``args`` (empty: nothing). Checks that the two
-    take the same input normalisation (unless ``--allow-normalization-mismatch``) and that the
-    discriminator (``adv``) gets teacher and student maps of the same size (the distillation terms resize
-    the student map to the teacher's; the critic compares two samples of one distribution, so it does not)."""
-    if not needs_teacher(args):
+def model_pair_problems(cfg: RunConfig) -> list[str]:
+    """What is wrong with the teacher/student pair (empty: nothing). Checks that the two take the same
+    input normalisation (unless ``allow_normalization_mismatch``) and that the discriminator (``adv``)
+    gets teacher and student maps of the same size (the distillation terms resize the student map to
+    the teacher's; the critic compares two samples of one distribution, so it does not)."""
+    if not cfg.needs_teacher:
         return []
+    m, crop = cfg.models, cfg.data.crop_size
     problems = []
-    t_norm, s_norm = args.teacher_normalization, args.student_normalization
-    if t_norm != s_norm and not args.allow_normalization_mismatch:
+    t_norm, s_norm = m.teacher_normalization, m.student_normalization
+    if t_norm != s_norm and not m.allow_normalization_mismatch:
         problems.append(
-            f"the teacher {canonical_arch(args.teacher_arch)} expects {t_norm} input but the student "
-            f"{canonical_arch(args.student_arch)} expects {s_norm}: the data pipeline can give only one; pick a pair "
-            "trained with the same normalisation, or pass --allow-normalization-mismatch to feed the teacher the "
-            f"student's {s_norm} input knowingly")
-    if "adv" in distill_spec(args) and maps_differ(args.teacher_arch, args.student_arch, args.input_size):
-        t_hw = output_size(args.teacher_arch, args.input_size)
-        s_hw = output_size(args.student_arch, args.input_size)
+            f"the teacher {m.teacher_arch} expects {t_norm} input but the student {m.student_arch} expects {s_norm}: "
+            "the data pipeline can give only one; pick a pair trained with the same normalisation, or pass "
+            f"--allow-normalization-mismatch to feed the teacher the student's {s_norm} input knowingly")
+    if "adv" in cfg.distill.terms and maps_differ(m.teacher_arch, m.student_arch, crop):
+        t_hw, s_hw = output_size(m.teacher_arch, crop), output_size(m.student_arch, crop)
         problems.append(
-            f"the adversarial term (--adv) scores teacher and student logits of one size, but at --input-size {args.input_size[0]},{args.input_size[1]} "
-            f"the teacher {canonical_arch(args.teacher_arch)} gives {t_hw[0]}x{t_hw[1]} maps and the student "
-            f"{canonical_arch(args.student_arch)} {s_hw[0]}x{s_hw[1]}; drop --adv (the other terms resize) or use a same-family pair")
+            f"the adversarial term (--adv) scores teacher and student logits of one size, but at --input-size "
+            f"{crop[0]},{crop[1]} the teacher {m.teacher_arch} gives {t_hw[0]}x{t_hw[1]} maps and the student "
+            f"{m.student_arch} {s_hw[0]}x{s_hw[1]}; drop --adv (the other terms resize) or use a same-family pair")
     return problems
 
 
@@ -242,31 +224,47 @@ def sync_batch_norm(student: nn.Module, device: torch.device, log) -> nn.Module:
     return student
 
 
-def build_optimizers(args: argparse.Namespace, models: Models) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer | None]:
-    # One parameter group: the connector's learning rate follows the schedule too (the original never
-    # decayed it because it only updated param_groups[0]). Weight decay applies to every parameter, as there.
-    opt_g = torch.optim.SGD(models.trainable_g(), lr=args.lr_g, momentum=args.momentum, weight_decay=args.weight_decay)
+def head_prefixes(arch: str) -> tuple[str, ...]:
+    """Parameter-name prefixes of the decode head of ``arch`` (for ``optim.head_lr_mult``)."""
+    spec = arch_spec(arch)
+    given = getattr(spec, "head_prefixes", None)
+    if given:
+        return tuple(given)
+    return ("pspmodule.", "head.", "dsn.") if spec.family == "cwd" else ("head.", "auxlayer.")
+
+
+def build_optimizers(cfg: RunConfig, models: Models) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer | None]:
+    """SGD (the recipe) or AdamW for the student and connectors; Adam for the discriminator.
+
+    With ``head_lr_mult`` 1 there is one parameter group: the connector's learning rate follows the
+    schedule too (the original never decayed it because it only updated param_groups[0]), and weight
+    decay applies to every parameter, as there. Otherwise the decode head (and the connectors) form a
+    second group whose ``lr_mult`` the schedule multiplies in (SegFormer's recipe: 10)."""
+    o = cfg.optim
+    params: list = models.trainable_g()
+    if o.head_lr_mult != 1.0:
+        prefixes = head_prefixes(cfg.models.student_arch)
+        named = list(models.student_module.named_parameters())
+        encoder = [p for n, p in named if not n.startswith(prefixes)]
+        head = [p for n, p in named if n.startswith(prefixes)]
+        head += list(models.connector.parameters()) if models.connector is not None else []
+        params = [{"params": encoder, "lr_mult": 1.0}, {"params": head, "lr_mult": o.head_lr_mult}]
+    if o.optimizer == "adamw":
+        opt_g = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+    else:
+        opt_g = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
     opt_d = None
     if models.discriminator is not None:
-        opt_d = torch.optim.Adam(models.discriminator.parameters(), lr=args.lr_d, betas=(0.9, 0.99))
+        opt_d = torch.optim.Adam(models.discriminator.parameters(), lr=o.lr_d, betas=(0.9, 0.99))
     return opt_g, opt_d
 
 
-
-
-def build_engine(args: argparse.Namespace, info: DistInfo) -> Engine:
-    device = info.device
-    args.amp = resolve_amp(args.amp, device)
-    if args.channels_last is None:
-        args.channels_last = device.type == "cuda"
-    if args.deterministic is None:
-        args.deterministic = device.type == "cpu"
-    dtype = AMP_DTYPES[args.amp]
+def build_engine(cfg: RunConfig, info: DistInfo) -> Engine:
+    """How the step runs; the precision, memory format and determinism were resolved with the configuration."""
+    device, e = info.device, cfg.engine
 
     def autocast():
-        return autocast_context(device, dtype)
+        return autocast_context(device, AMP_DTYPES[e.amp])
 
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    return Engine(device, autocast, scaler, args.channels_last, info, args.grad_accum, args.cwd_feat)
-
-
+    scaler = torch.amp.GradScaler(device.type, enabled=e.amp == "fp16")
+    return Engine(device, autocast, scaler, e.channels_last, info)

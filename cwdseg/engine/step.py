@@ -6,6 +6,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from cwdseg.config import OptimConfig
 from cwdseg.distill import discriminator_wgan_gp_loss, generator_adversarial_loss
 from cwdseg.engine.build import Criteria, Engine, Models, Weights
 from cwdseg.engine.distributed import average_buffers, average_gradients
@@ -17,14 +18,23 @@ def poly_lr(base_lr: float, step: int, num_steps: int, power: float) -> float:
     return base_lr * (1.0 - step / num_steps) ** power
 
 
-def set_lr(opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer | None, args, step: int) -> float:
-    """Both optimisers' learning rates for ``step`` (poly schedule); returns the student's."""
-    lr_g = poly_lr(args.lr_g, step, args.num_steps, args.power)
+def scheduled_lr(base_lr: float, step: int, optim: OptimConfig) -> float:
+    """Poly decay over ``optim.num_steps``, with mmcv's linear warm-up when ``optim.warmup_steps`` > 0:
+    ``lr * (1 - (1 - step / warmup) * (1 - warmup_ratio))`` for the first ``warmup`` steps."""
+    lr = poly_lr(base_lr, step, optim.num_steps, optim.power)
+    if step < optim.warmup_steps:
+        lr *= 1.0 - (1.0 - step / optim.warmup_steps) * (1.0 - optim.warmup_ratio)
+    return lr
+
+
+def set_lr(opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer | None, optim: OptimConfig, step: int) -> float:
+    """Both optimisers' learning rates for ``step``; returns the student's (each group's ``lr_mult`` applied)."""
+    lr_g = scheduled_lr(optim.lr, step, optim)
     for group in opt_g.param_groups:
-        group["lr"] = lr_g
+        group["lr"] = lr_g * group.get("lr_mult", 1.0)
     if opt_d is not None:
         for group in opt_d.param_groups:
-            group["lr"] = poly_lr(args.lr_d, step, args.num_steps, args.power)
+            group["lr"] = poly_lr(optim.lr_d, step, optim.num_steps, optim.power)
     return lr_g
 
 

@@ -26,7 +26,7 @@ with Caffe-style BGR mean subtraction and no std: the original CWD code, and CIR
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from torch import nn
@@ -44,7 +44,10 @@ class ArchSpec:
     the input normalisation of its weights. ``family``: ``"cwd"`` (the original code's layout,
     InPlace-ABN, max pool in ceil mode) or ``"cirkd"`` (CIRKD's layout, BatchNorm2d, floor mode),
     which also decides the output size (see :func:`output_size`). ``aux_head``: whether it has an
-    auxiliary head. ``label``: the name papers use.
+    auxiliary head. ``label``: the name papers use. ``taps``: friendly names of the layers a
+    distillation term may read (``cwdseg.distill.taps``), alias -> module path: ``stage1``..``stage4``
+    (backbone stages, output stride 4, 8, 8, 8) and ``head`` (the module whose output is the head
+    feature, the third output).
     """
 
     builder: Callable[..., nn.Module]
@@ -53,15 +56,30 @@ class ArchSpec:
     family: str
     aux_head: bool
     label: str
+    taps: dict[str, str] = field(default_factory=dict)
 
+
+# ResNets: the four stages; PSPNet (original layout) keeps them at the top level, CIRKD's models
+# under ``pretrained``. MobileNetV2 (``features`` 0..17): stage1 = features.3 (24 ch, stride 4),
+# stage2 = features.6 (32 ch, stride 8), stage3 = features.13 (96 ch), stage4 = features.17 (320 ch),
+# the last block of each resolution / width group. ``head``: the head feature's producer (in
+# DeepLabV3 ``head.block.3``, the Dropout after which the classifier runs).
+_PSP_TAPS = {**{f"stage{i}": f"layer{i}" for i in range(1, 5)}, "head": "pspmodule"}
+_V1S_TAPS = {f"stage{i}": f"pretrained.layer{i}" for i in range(1, 5)}
+_MBV2_TAPS = {f"stage{i}": f"pretrained.net.features.{b}" for i, b in zip(range(1, 5), (3, 6, 13, 17))}
+_DEEPLAB_HEAD = {"head": "head.block.3", "aspp": "head.aspp"}
 
 ARCHS: dict[str, ArchSpec] = {
-    "pspnet_resnet18": ArchSpec(pspnet_resnet18, 128, "caffe_bgr", "cwd", True, "PSPNet-R18"),
-    "pspnet_resnet101": ArchSpec(pspnet_resnet101, 512, "caffe_bgr", "cwd", True, "PSPNet-R101"),
-    "deeplabv3_resnet18": ArchSpec(deeplabv3_resnet18, 128, "caffe_bgr", "cirkd", True, "DeepLabV3-R18"),
-    "deeplabv3_resnet101": ArchSpec(deeplabv3_resnet101, 256, "caffe_bgr", "cirkd", True, "DeepLabV3-R101"),
-    "deeplabv3_mobilenetv2": ArchSpec(deeplabv3_mobilenetv2, 128, "caffe_bgr", "cirkd", False, "DeepLabV3-MBv2"),
-    "pspnet_mobilenetv2": ArchSpec(pspnet_mobilenetv2, 128, "caffe_bgr", "cirkd", False, "PSPNet-MBv2"),
+    "pspnet_resnet18": ArchSpec(pspnet_resnet18, 128, "caffe_bgr", "cwd", True, "PSPNet-R18", _PSP_TAPS),
+    "pspnet_resnet101": ArchSpec(pspnet_resnet101, 512, "caffe_bgr", "cwd", True, "PSPNet-R101", _PSP_TAPS),
+    "deeplabv3_resnet18": ArchSpec(deeplabv3_resnet18, 128, "caffe_bgr", "cirkd", True, "DeepLabV3-R18",
+                                   {**_V1S_TAPS, **_DEEPLAB_HEAD}),
+    "deeplabv3_resnet101": ArchSpec(deeplabv3_resnet101, 256, "caffe_bgr", "cirkd", True, "DeepLabV3-R101",
+                                    {**_V1S_TAPS, **_DEEPLAB_HEAD}),
+    "deeplabv3_mobilenetv2": ArchSpec(deeplabv3_mobilenetv2, 128, "caffe_bgr", "cirkd", False, "DeepLabV3-MBv2",
+                                      {**_MBV2_TAPS, **_DEEPLAB_HEAD}),
+    "pspnet_mobilenetv2": ArchSpec(pspnet_mobilenetv2, 128, "caffe_bgr", "cirkd", False, "PSPNet-MBv2",
+                                   {**_MBV2_TAPS, "head": "head.block", "psp": "head.psp"}),
 }
 ARCH_ALIASES: dict[str, str] = {"resnet18": "pspnet_resnet18", "resnet101": "pspnet_resnet101"}
 ARCH_NAMES: tuple[str, ...] = tuple(ARCHS) + tuple(ARCH_ALIASES)  # every name the command lines accept
