@@ -134,7 +134,7 @@ def eval_value_errors(args: argparse.Namespace) -> list[str]:
         errors.append(input_size_error(0, 0, args.scales, "sliding", args.tile))
     if args.batch_size < 1 or args.tile_batch < 1 or args.num_workers < 0:
         errors.append("--batch-size and --tile-batch must be >= 1, --num-workers >= 0")
-    error = class_count_error("--num-classes", args.num_classes, getattr(args, "dataset", "cityscapes"))
+    error = class_count_error("--num-classes", args.num_classes, args.dataset or "cityscapes")
     if error:
         errors.append(error)
     if args.save_dir is not None:
