@@ -110,8 +110,9 @@ def test_spectral_norm_power_iteration_train_vs_eval() -> None:
         torch.testing.assert_close(v1.double(), v, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(u1.double(), u / u.norm(), rtol=1e-5, atol=1e-6)
     # ... whose fixed point is the top singular pair (found here by 300 float64 iterations of that formula
-    # on plain matrices, as fast as one forward): started there, the module keeps it and divides by sigma_max.
-    for c in sns:
+    # on plain matrices): started there, the module keeps it and divides by sigma_max. The two small layers
+    # suffice; the one-step formula above covers all four.
+    for c in sns[:2]:
         w_mat = c.module.weight_bar.detach().flatten(1).double()
         u = torch.ones(w_mat.shape[0], dtype=torch.float64)
         for _ in range(300):
