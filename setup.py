@@ -41,6 +41,6 @@ setup(
         "wandb": ["wandb>=0.20,<1"],
         "test": ["pytest>=7", "pyspng>=0.1.2", "onnx>=1.14", "onnxruntime>=1.16", "onnxscript>=0.1",
                  "safetensors>=0.4", "submitit>=1.5", "av>=12",
-                 "tensorboard>=2.16,<3", "mlflow-skinny>=2.16,<4", "wandb>=0.20,<1"],
+                 "tensorboard>=2.16,<3", "mlflow-skinny>=2.16,<4", "wandb>=0.20,<1", "ruff==0.17.6"],
     },
 )

@@ -23,7 +23,7 @@ and the zip serialization load; a pickle that carries code or custom objects is 
 Every problem is a :class:`CheckpointError` naming the file and what to do, raised *before* any
 tensor is copied into the model: a bad file never leaves a half-loaded or random model behind.
 
-Weights are loaded as they are. :class:`libs.ABN` computes the InPlace-ABN scale ``|w| + eps``, so
+Weights are loaded as they are. :class:`cwdseg.models.abn.ABN` computes the InPlace-ABN scale ``|w| + eps``, so
 the negative BN weights of the released files need no conversion (the ImageNet file is loaded the
 same way, as the original code did). ``num_batches_tracked`` entries, which the original files do
 not have and our ABN does not use, are ignored on load and never written.
@@ -49,7 +49,7 @@ from cwdseg.models import arch_spec
 from cwdseg.models.mobilenetv2 import MobileNetV2Dilated
 from cwdseg.models.pspnet import PSPNet
 from cwdseg.models.resnet import ResNetV1s
-from cwdseg.models.summary import unwrap_model  # noqa: F401  (re-exported: older imports)
+from cwdseg.models.summary import unwrap_model
 
 # Where to get the deep-stem ImageNet ResNet-18 that the original student starts from.
 CSAIL_RESNET18_URL = "http://sceneparsing.csail.mit.edu/model/pretrained_resnet/resnet18-imagenet.pth"
@@ -73,6 +73,9 @@ def _torch_load(path: str | os.PathLike) -> Any:
                               "for where the released weights come from)")
     if not path.is_file():
         raise CheckpointError(f"checkpoint path is not a file: {path}")
+    foreign = _foreign_format(path)
+    if foreign:
+        raise CheckpointError(f"{path}: {foreign}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -95,6 +98,20 @@ def _torch_load(path: str | os.PathLike) -> Any:
     except Exception as e:  # truncated download, HTML error page, not a torch file at all
         raise CheckpointError(f"{path}: cannot be read as a PyTorch file ({type(e).__name__}: {e}); "
                               "the file may be truncated or not a checkpoint - download it again") from e
+
+
+def _foreign_format(path: Path) -> str | None:
+    """What a file is when it is an export of tools/export.py rather than PyTorch weights, with the command
+    that takes it (None otherwise): an ONNX graph (protobuf, field 1 ``ir_version``) or safetensors."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if path.suffix.lower() == ".onnx" or (head[:1] == b"\x08" and b"pytorch" in head.lower()):
+        return ("is an ONNX export (tools/export.py), not PyTorch weights: run it with predict.py "
+                "--restore-from FILE, or pass the .pth student it was exported from")
+    if path.suffix.lower() == ".safetensors" or (head[8:10] == b'{"' and not head.startswith((b"PK", b"\x80"))):
+        return ("is a safetensors export (tools/export.py), not a .pth checkpoint: predict.py --restore-from "
+                "takes it, or pass the .pth student it was exported from")
+    return None
 
 
 def _check_tensor_dict(obj: Any, path: Path | str, where: str = "") -> "OrderedDict[str, torch.Tensor]":
@@ -193,12 +210,14 @@ def infer_arch(state_dict: dict) -> str:
             return f"deeplabv3_{depth}"
         raise CheckpointError("cannot tell the architecture of this state_dict: a DeepLabV3 head (head.aspp.*) on a "
                               "backbone that is neither CIRKD's deep-stem ResNet-18/101 (pretrained.conv1.weight "
-                              "[64, 3, 3, 3] ...) nor its MobileNetV2 (pretrained.net.features.0.0.weight [32, 3, 3, 3])"
+                              "[64, 3, 3, 3] ...) nor its MobileNetV2 (pretrained.net.features.0.0.weight "
+                              "[32, 3, 3, 3])"
                               + "".join(f"; {h}" for h in _hints(state_dict)))
     stem = state_dict.get("conv1.weight")
     if stem is None or tuple(stem.shape) != (64, 3, 3, 3) or "conv3.weight" not in state_dict:
         raise CheckpointError("cannot tell the architecture of this state_dict: it has no deep stem "
-                              "(conv1.weight [64, 3, 3, 3] ... conv3.weight, or pretrained.conv1.weight ... for CIRKD's)"
+                              "(conv1.weight [64, 3, 3, 3] ... conv3.weight, or pretrained.conv1.weight ... for "
+                              "CIRKD's)"
                               + "".join(f"; {h}" for h in _hints(state_dict)))
     depth = _resnet_depth(state_dict, "")
     if depth is not None:
@@ -208,8 +227,9 @@ def infer_arch(state_dict: dict) -> str:
                           + "".join(f"; {h}" for h in _hints(state_dict)))
 
 
-def _hints(sd: dict, expected_arch: str | None = None, imagenet: bool = False) -> list[str]:
-    """Likely explanations of a mismatch, from the file's keys and shapes."""
+def _hints(sd: dict, expected_arch: str | None = None, imagenet: bool = False, role: str | None = None) -> list[str]:
+    """Likely explanations of a mismatch, from the file's keys and shapes (``role``: what the file was
+    loaded as, ``"teacher"`` or ``"student"``; the flag to suggest follows it)."""
     hints = []
     keys = list(sd)
     for prefix in WRAPPER_PREFIXES:
@@ -230,9 +250,10 @@ def _hints(sd: dict, expected_arch: str | None = None, imagenet: bool = False) -
         except CheckpointError:
             arch = None
         if arch is not None and arch != expected_arch and any(k.startswith(HEAD_PREFIXES) for k in keys):
-            role = "teacher" if arch.endswith("resnet101") else "student"
+            loaded_as = role or ("teacher" if arch.endswith("resnet101") else "student")
             hints.append(f"the file holds a {arch.split('_', 1)[1]} {arch_spec(arch).label.split('-')[0]} ({arch}), "
-                         f"the model is a {expected_arch}: is it the {role} file? (or pass --{role}-arch {arch})")
+                         f"the model is a {expected_arch}: is it the {loaded_as} file? (or pass --{loaded_as}-arch "
+                         f"{arch})")
     if not imagenet and not hints and infer_backbone(sd) is not None \
             and not any(k.startswith(HEAD_PREFIXES + ("pretrained.",)) for k in keys):
         hints.append(f"the file is an ImageNet {infer_backbone(sd)} backbone (no segmentation head): use it as the "
@@ -276,10 +297,10 @@ def _load_strict(model: nn.Module, sd: dict, path: Any, what: str) -> None:
     mismatched = [(k, tuple(sd[k].shape), tuple(target[k].shape)) for k in target
                   if k in sd and sd[k].shape != target[k].shape]
     if missing or unexpected or mismatched:
-        hints = _hints(sd, _arch_of(model))
+        hints = _hints(sd, _arch_of(model), role=what.split()[0] if what.startswith(("teacher", "student")) else None)
         if "head.weight" in sd and "head.weight" in target and sd["head.weight"].shape[0] != target["head.weight"].shape[0]:
             hints.insert(0, f"the file has {sd['head.weight'].shape[0]} classes, the model "
-                            f"{target['head.weight'].shape[0]}: set --num_classes {sd['head.weight'].shape[0]}")
+                            f"{target['head.weight'].shape[0]}: pass --num-classes {sd['head.weight'].shape[0]}")
         raise CheckpointError(_mismatch_report(path, what, missing, unexpected, mismatched, hints))
     result = model.load_state_dict(sd, strict=False)  # counters (if the model has any) stay as they are
     leftover = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]

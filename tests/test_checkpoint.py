@@ -1,4 +1,4 @@
-"""Loading and saving weight files (utils/checkpoint.py) with files written in the layouts and the
+"""Loading and saving weight files (cwdseg/checkpoint.py) with files written in the layouts and the
 serialization of the original releases by tests/factories.py."""
 from __future__ import annotations
 

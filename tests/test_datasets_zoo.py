@@ -487,3 +487,25 @@ def test_ram_cache_is_refused_with_the_disk_cache_named(roots, name):
 
     with pytest.raises(DatasetError, match=r"--cache-images .* only available for cityscapes.*--image-cache DIR"):
         build_dataset(name, roots[name], "train", cache_images=True, verbose=False)
+
+
+def test_voc_in_cirkds_layout_reads_the_same_labels(copy_of, tmp_path):
+    """CIRKD (dataset/voc.py): id lists outside the root, val labels from VOC's SegmentationClass/."""
+    root = copy_of("pascal_voc")
+    expected = [map_by_loop(np.array(Image.open(p)), VOC_TABLE) for p in label_files(root, "pascal_voc", "val")]
+    lists = tmp_path / "dataset/list/voc"
+    lists.mkdir(parents=True)
+    for name in ("train_aug.txt", "val.txt"):
+        shutil.move(str(root / "ImageSets/Segmentation" / name), lists / name)
+    with pytest.raises(DatasetError, match="--data-list dataset/list/voc/val.txt"):
+        build_dataset("pascal_voc", root, "val", verbose=False)
+    val_ids = (lists / "val.txt").read_text().split()
+    (root / "SegmentationClass").mkdir()
+    for i in val_ids:  # VOC's own val labels; the augmented folder keeps only the train ids
+        shutil.move(str(root / "SegmentationClassAug" / f"{i}.png"), root / "SegmentationClass" / f"{i}.png")
+    ds = build_dataset("pascal_voc", root, "val", str(lists / "val.txt"), crop_size=None, verbose=False)
+    assert [Path(s.label).parent.name for s in ds.samples] == ["SegmentationClass"] * len(val_ids)
+    for index, labels in enumerate(expected):
+        np.testing.assert_array_equal(ds[index][1].numpy(), labels)
+    train = build_dataset("pascal_voc", root, "train", str(lists / "train_aug.txt"), crop_size=None, verbose=False)
+    assert {Path(s.label).parent.name for s in train.samples} == {"SegmentationClassAug"}

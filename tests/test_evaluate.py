@@ -15,9 +15,9 @@ from torch import nn
 
 from cwdseg.cli import evaluate
 from cwdseg.data.synthetic import generate
-from tests.factories import write_legacy_student
 from cwdseg.evaluation.metrics import official_miou
 from cwdseg.viz.segmaps import save_color_png, save_label_id_png, save_train_id_png
+from tests.factories import write_legacy_student
 
 SIZE = (128, 256)
 N_VAL, N_TEST = 4, 2

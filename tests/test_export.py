@@ -295,3 +295,25 @@ def test_class_table_comes_from_the_dataset_registry():
     with pytest.raises(ExportSourceError, match="classes"):
         export_tool.read_classes(None, 19, "pascal_voc")
     assert export_tool.read_classes(None, 19)[13] == {"id": 13, "name": "car", "color": [0, 0, 142]}
+
+
+def test_exporter_chatter_is_silenced_but_other_warnings_show(monkeypatch, tmp_path, caplog):
+    import logging
+    import warnings
+
+    from cwdseg.export.onnx import ExportError
+
+    def chatty_export(*args, **kwargs):
+        logging.getLogger("torch.onnx._internal.exporter._registration").warning(
+            "torchvision is not installed. Skipping torchvision::nms")
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated", FutureWarning, stacklevel=2)
+        warnings.warn("the user's own concern", UserWarning, stacklevel=2)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(torch.onnx, "export", chatty_export)
+    with warnings.catch_warnings(record=True) as seen, caplog.at_level(logging.WARNING):
+        warnings.simplefilter("always")
+        with pytest.raises(ExportError, match="stop here"):
+            export_onnx(build_model("pspnet_resnet18", num_classes=19), tmp_path / "x.onnx")
+    assert [str(w.message) for w in seen] == ["the user's own concern"]
+    assert "torchvision" not in caplog.text

@@ -78,13 +78,46 @@ def test_no_script_is_imported_and_no_import_path_is_patched():
     assert not bad, bad
 
 
-def test_top_level_scripts_are_thin():
-    for script, limit in (("train.py", 400), ("evaluate.py", 200), ("predict.py", 200)):
-        assert len((ROOT / script).read_text().splitlines()) <= limit
-    # The command lines behind them read arguments and call the package: their size stays that of a script.
-    for module, limit in (("train.py", 400), ("evaluate.py", 250)):
-        assert len((PACKAGE / "cli" / module).read_text().splitlines()) <= limit, module
-    src = (PACKAGE / "cli" / "train.py").read_text()
-    tree = ast.parse(src)
+def test_trains_main_reads_on_one_screen():
+    """The loop's cadence in plain sight: train's ``main`` stays short; the layering tests above keep the
+    rest of the package from growing back into the scripts (no line caps on whole modules)."""
+    tree = ast.parse((PACKAGE / "cli" / "train.py").read_text())
     main = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main")
-    assert main.end_lineno - main.lineno + 1 <= 100
+    assert main.end_lineno - main.lineno + 1 <= 80
+
+
+# Modules of the code this package replaced; text naming them sends a reader to files that do not exist.
+STALE_NAMES = ("networks.connector", "libs.ABN", "utils.losses", "utils/checkpoint.py", "networks/kd_model")
+
+
+def test_no_text_names_a_module_that_no_longer_exists():
+    bad = []
+    for folder in ("cwdseg", "tests", "tools"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            if path.name == "test_layout.py":
+                continue
+            text = path.read_text()
+            bad += [f"{path.relative_to(ROOT)} names {name}" for name in STALE_NAMES if name in text]
+    assert not bad, bad
+
+
+def test_package_docstrings_name_every_room_and_module():
+    import cwdseg
+    import cwdseg.cli
+    import cwdseg.viz
+
+    rooms = [p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()]
+    assert all(f"cwdseg.{room}" in cwdseg.__doc__ for room in rooms), rooms
+    for package in (cwdseg.cli, cwdseg.viz):
+        folder = Path(package.__file__).parent
+        modules = [p.stem for p in folder.glob("*.py") if p.stem != "__init__" and p.stem not in ("recipes",)]
+        missing = [m for m in modules if f":mod:`.{m}`" not in package.__doc__]
+        assert not missing, (package.__name__, missing)
+
+
+def test_registry_entries_hold_only_what_is_read():
+    from cwdseg.data.registry import DatasetEntry
+
+    source = "\n".join(p.read_text() for p in PACKAGE.rglob("*.py"))
+    unread = [f for f in DatasetEntry._fields if f").{f}(" not in source and f".{f}(" not in source]
+    assert not unread, unread

@@ -1,6 +1,6 @@
 """Losses against independent computations: numpy float64 loops written from the formulas.
 
-The references here never call ``utils.losses``; they re-derive each loss from its definition
+The references here never call the terms of ``cwdseg.distill``; they re-derive each loss from its definition
 (softmax by exp/sum, explicit sums over n, c, positions).
 """
 from __future__ import annotations

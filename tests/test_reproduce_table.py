@@ -73,11 +73,11 @@ def test_all_present_are_evaluated(synth, ckpts, tmp_path, capsys):
     # only two images: never reported as reproducing (or missing) the published figure
     assert [r["status"] for r in rows] == [f"not comparable (first {MAX_IMAGES} images only)"] * 3 + ["missing"]
     for row, (arch, seed) in zip(rows, [("resnet101", 0), ("resnet18", 1), ("resnet18", 2)]):
-        assert row["measured"] == pytest.approx(reference_miou(arch, seed, synth, MAX_IMAGES), abs=1e-6)
-        assert row["delta"] == pytest.approx(row["measured"] - row["published_val"])
+        assert row["measured_miou_percent"] == pytest.approx(reference_miou(arch, seed, synth, MAX_IMAGES), abs=1e-6)
+        assert row["delta_points"] == pytest.approx(row["measured_miou_percent"] - row["published_val_percent"])
         assert row["results"]["num_images"] == MAX_IMAGES
     table = (out / "reproduce_table.md").read_text()
-    assert f"| `{STUDENT_A}` | resnet18 | whole, scales [1.0], no flip | 75.02 | {rows[1]['measured']:.2f} |" in table
+    assert f"| `{STUDENT_A}` | resnet18 | whole, scales [1.0], no flip | 75.02 | {rows[1]['measured_miou_percent']:.2f} |" in table
     assert "not comparable" in table  # --max-images is flagged
     assert table in capsys.readouterr().out
 
@@ -94,7 +94,7 @@ def test_missing_and_wrong_files_are_reported(synth, ckpts, tmp_path, capsys):
     printed = capsys.readouterr().out
     rows = {r["file"]: r for r in json.loads((out / "reproduce_table.json").read_text())["rows"]}
     assert rows[STUDENT_A]["evaluated"] and rows[STUDENT_A]["status"].startswith("not comparable")
-    assert rows[STUDENT_B]["status"] == "missing" and rows[STUDENT_B]["measured"] is None
+    assert rows[STUDENT_B]["status"] == "missing" and rows[STUDENT_B]["measured_miou_percent"] is None
     assert f"missing: {partial / STUDENT_B} not found" in printed
     assert rows[TEACHER]["status"] == "error" and \
         "holds a pspnet_resnet18 network, not pspnet_resnet101" in rows[TEACHER]["message"]
@@ -125,7 +125,7 @@ def test_status_of_a_row_far_below_published_is_not_ok(synth, ckpts, tmp_path):
     # far below the published 75.02.
     rows = reproduce_table.reproduce(ckpts, synth, device="cpu", num_workers=0, progress=False,
                                      checkpoints=[RELEASED_CHECKPOINTS[1]])
-    measured = rows[0]["measured"]
+    measured = rows[0]["measured_miou_percent"]
     assert measured < 20
     assert rows[0]["status"] == f"off by {measured - 75.02:+.2f} (more than ±0.5)"
 
@@ -141,4 +141,4 @@ def test_a_cirkd_row_is_evaluated_with_its_architecture(synth, tmp_path):
     (result,) = reproduce(tmp_path, synth, max_images=MAX_IMAGES, device="cpu", num_workers=0, progress=False,
                           checkpoints=(row,))
     assert result["evaluated"] and result["status"] == f"not comparable (first {MAX_IMAGES} images only)"
-    assert result["measured"] == pytest.approx(reference_miou("deeplabv3_resnet18", 0, synth, MAX_IMAGES, sd), abs=1e-6)
+    assert result["measured_miou_percent"] == pytest.approx(reference_miou("deeplabv3_resnet18", 0, synth, MAX_IMAGES, sd), abs=1e-6)

@@ -273,7 +273,7 @@ def test_checkpoint_of_another_class_count_names_both(student_files):
     with pytest.raises(ckpt.CheckpointError) as exc:
         ckpt.load_student(build_model("resnet18", num_classes=5), student_files[0])
     first_hint = str(exc.value).splitlines()[1]
-    assert first_hint == "  hint: the file has 19 classes, the model 5: set --num_classes 19"
+    assert first_hint == "  hint: the file has 19 classes, the model 5: pass --num-classes 19"
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Export a trained student to ONNX and safetensors, with a metadata JSON and a model card.
 
     python tools/export.py ckpt/False_False_False_channel_kl_3_4_v1                    # a run folder
-    python tools/export.py ckpt/new_rn18-cityscape_singleAndWhole_val-75.02_test-73.86.pth --eval-json outputs/rn18/results.json
+    python tools/export.py ckpt/new_rn18-cityscape_singleAndWhole_val-75.02_test-73.86.pth \\
+        --eval-json outputs/rn18/results.json
     python tools/export.py RUN_DIR --select best-val --fold-normalization --out-dir outputs/export/best
 
 Writes into ``--out-dir`` (default ``outputs/export/<name>``): ``<name>.onnx`` (logits at the output
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from cwdseg.checkpoint import CheckpointError, atomic_write_text
+from cwdseg.cli.checks import OutputNameError, safe_child, writable_folder_error
+from cwdseg.cli.parser import ArgumentParser
 from cwdseg.data import DatasetError
 from cwdseg.data.labels import CLASS_NAMES, NUM_CLASSES, TRAIN_ID_COLORS
 from cwdseg.data.registry import DATASETS, dataset_info
@@ -46,14 +49,16 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Export a student to ONNX + safetensors with metadata and a model card",
+    p = ArgumentParser(description="Export a student to ONNX + safetensors with metadata and a model card",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("source", help="a train.py run folder (ckpt/<NAME>/) or a weight file (.pth, last.pth)")
     p.add_argument("--out-dir", default=None, help="where to write; default outputs/export/<name>")
-    p.add_argument("--name", default=None, help="file stem of the exports; default: the run's save name or the file stem")
+    p.add_argument("--name", default=None,
+                   help="file stem of the exports; default: the run's save name or the file stem")
     p.add_argument("--select", choices=SELECTIONS, default="final",
                    help="run folder: the final-iteration student, or best_val_G.pth (chosen on val: optimistic)")
-    p.add_argument("--eval-json", default=None, help="evaluate.py results.json or a run's eval.json for the val numbers")
+    p.add_argument("--eval-json", default=None,
+                   help="evaluate.py results.json or a run's eval.json for the val numbers")
     p.add_argument("--config-json", default=None, help="a run's config.json for the recipe (run folders: read itself)")
     p.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS), help="what to write")
     p.add_argument("--num-classes", type=int, default=None,
@@ -65,8 +70,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--channel-order", choices=("BGR", "RGB"), default=None,
                    help="input channel order the weights expect; default: the file's record, else the architecture's "
                         f"(the original's: {channel_order(ORIGINAL)})")
-    p.add_argument("--mean", type=float, nargs=3, default=None, help="per-channel mean (0..255); default as --channel-order")
-    p.add_argument("--std", type=float, nargs=3, default=None, help="per-channel std (0..255 units); default as --channel-order")
+    p.add_argument("--mean", type=float, nargs=3, default=None,
+                   help="per-channel mean (0..255); default as --channel-order")
+    p.add_argument("--std", type=float, nargs=3, default=None,
+                   help="per-channel std (0..255 units); default as --channel-order")
     p.add_argument("--fold-normalization", action="store_true",
                    help="the ONNX graph takes raw 0..255 values and normalises itself")
     p.add_argument("--check-sizes", type=_size, nargs="+", default=[(128, 256), (256, 512)],
@@ -103,7 +110,8 @@ def read_classes(path: str | None, num_classes: int, dataset: str | None = None,
     names = [it if isinstance(it, str) else it.get("name") for it in items]
     colors = [[128, 128, 128] if isinstance(it, str) else it.get("color") for it in items]
     if any(not isinstance(n, str) for n in names) or any(not isinstance(c, list) or len(c) != 3 for c in colors):
-        raise ExportSourceError(f"--classes {path}: each entry must be a name or {{\"name\": ..., \"color\": [r, g, b]}}")
+        raise ExportSourceError(f"--classes {path}: each entry must be a name or "
+                                f"{{\"name\": ..., \"color\": [r, g, b]}}")
     return class_table(names, colors)
 
 
@@ -113,7 +121,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     source = resolve_source(args.source, args.select, args.eval_json, args.config_json)
     name = args.name or source.name
+    if args.name is not None:
+        try:
+            safe_child(Path(args.out_dir or "outputs/export"), args.name, "--name")  # file stems stay in --out-dir
+        except OutputNameError as exc:
+            parser.error(str(exc))
     out_dir = Path(args.out_dir or Path("outputs") / "export" / name)
+    unwritable = writable_folder_error("--out-dir", out_dir)
+    if unwritable:
+        parser.error(unwritable)
     files = {"onnx": f"{name}.onnx", "safetensors": f"{name}.safetensors"}
     files = {k: v for k, v in files.items() if k in args.formats} | {"metadata": f"{name}.json",
                                                                        "model_card": "MODEL_CARD.md"}
@@ -175,6 +191,9 @@ def cli(argv: list[str] | None = None) -> int:
         main(argv)
     except (ExportSourceError, ExportError, CheckpointError, EvaluationError) as exc:
         print(f"export.py: error: {exc}", file=sys.stderr)
+        return 2
+    except PermissionError as exc:  # a file inside --out-dir that may not be replaced
+        print(f"export.py: error: {exc.filename}: {exc.strerror}; choose a writable --out-dir", file=sys.stderr)
         return 2
     return 0
 

@@ -6,7 +6,8 @@ measured mIoU side by side.
 Every file of :data:`RELEASED_CHECKPOINTS` found in ``--ckpt-dir`` is evaluated with the protocol its
 number was published with (all of them: whole 1024x2048 image, one scale, no flip, on val); a missing
 file is reported with where to get it. Each file is read with the input normalisation of its
-architecture (``cwdseg.models.NORMALIZATION``: Caffe BGR for all of them). The table is printed and written as JSON and markdown into
+architecture (``cwdseg.models.NORMALIZATION``: Caffe BGR for all of them). The table is printed and written
+as JSON and markdown into
 ``--out-dir``. Exit status 1 when no checkpoint could be evaluated. The ImageNet initialisation
 (``resnet18-imagenet.pth``) has no mIoU and is not listed. Test-split numbers come from the
 benchmark server: with ``--split test`` each checkpoint's ``submission.zip`` is written instead.
@@ -23,12 +24,20 @@ from typing import Any, Sequence
 
 from cwdseg.checkpoint import CheckpointError
 from cwdseg.cli.checks import writable_folder_error
+from cwdseg.cli.parser import ArgumentParser
 from cwdseg.data import DatasetError
 from cwdseg.engine.distributed import DeviceError, resolve_device
 from cwdseg.engine.precision import AMP_CHOICES
+from cwdseg.evaluation.loop import (
+    EvaluationError,
+    build_eval_dataset,
+    build_eval_loader,
+    checkpoint_normalization,
+    evaluate_model,
+    load_model,
+    sha256_file,
+)
 from cwdseg.models import canonical_arch
-from cwdseg.evaluation.loop import EvaluationError, build_eval_dataset, build_eval_loader, checkpoint_normalization, \
-    evaluate_model, load_model, sha256_file
 
 SEE_README = "see TorchDistiller README"
 # mIoU points within which a measurement counts as reproducing the published figure: the README's own
@@ -94,16 +103,21 @@ def reproduce(
     evaluated (``evaluated`` True), the verdict of :func:`verdict` ("within ±X of published", "off by …").
 
     Rows: ``file, description, arch, published_val, published_test, link, note, protocol, status,
-    message, measured`` (mIoU in percent on ``split``, None for test or when not evaluated),
-    ``delta`` (measured - published on val), ``sha256``, ``results`` (the evaluate_model dict).
+    message, measured_miou_percent`` (mIoU in percent on ``split``, None for test or when not evaluated),
+    ``delta_points`` (measured - published on val, percentage points; ``published_val`` / ``published_test``
+    are stored as ``published_val_percent`` / ``published_test_percent``), ``sha256``, ``results`` (the
+    evaluate_model dict).
     """
     ckpt_dir = Path(ckpt_dir)
     dev = resolve_device(device)
     datasets: dict[str, Any] = {}  # by normalisation name: built once each, only when needed
     rows = []
     for entry in checkpoints:
-        row: dict[str, Any] = {**asdict(entry), "status": "missing", "message": "", "measured": None,
-                               "delta": None, "sha256": None, "results": None, "evaluated": False}
+        fields = asdict(entry)  # mIoU in percent: the JSON keys say so
+        fields["published_val_percent"] = fields.pop("published_val")
+        fields["published_test_percent"] = fields.pop("published_test")
+        row: dict[str, Any] = {**fields, "status": "missing", "message": "", "measured_miou_percent": None,
+                               "delta_points": None, "sha256": None, "results": None, "evaluated": False}
         rows.append(row)
         path = ckpt_dir / entry.file
         if not path.is_file():
@@ -128,12 +142,12 @@ def reproduce(
                                  progress=progress, **_protocol_kwargs(entry.protocol))
         row.update(evaluated=True, sha256=sha256_file(path), results=results)
         if split == "val":
-            row["measured"] = 100 * results["miou"]
+            row["measured_miou_percent"] = 100 * results["miou"]
             if entry.published_val is not None:
-                row["delta"] = row["measured"] - entry.published_val
+                row["delta_points"] = row["measured_miou_percent"] - entry.published_val
         else:
             row["message"] = f"submit {results['outputs']['zip']} to the benchmark server" if save_dir else ""
-        row["status"] = verdict(row["delta"], tolerance, split, max_images, len(dataset))
+        row["status"] = verdict(row["delta_points"], tolerance, split, max_images, len(dataset))
         print(f"{entry.file}: {row['status']}", flush=True)
         del model
     return rows
@@ -163,14 +177,15 @@ def _fmt(value: float | None) -> str:
 def format_markdown(rows: Sequence[dict], split: str = "val", max_images: int | None = None) -> str:
     """The side-by-side table as markdown (mIoU in percent)."""
     published = "published val" if split == "val" else "published test"
-    lines = [f"| checkpoint | arch | protocol | {published} | measured {split} | Δ | status |",
+    lines = [f"| checkpoint | arch | protocol | {published} mIoU (%) | measured {split} mIoU (%) | Δ (points) "
+             "| status |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         p = r["protocol"]
         protocol = f"{p['mode']}, scales {p['scales']}, {'flip' if p['flip'] else 'no flip'}"
-        pub = r["published_val"] if split == "val" else r["published_test"]
-        lines.append(f"| `{r['file']}` | {r['arch']} | {protocol} | {_fmt(pub)} | {_fmt(r['measured'])} | "
-                     f"{_fmt(r['delta'])} | {r['status']} |")
+        pub = r["published_val_percent"] if split == "val" else r["published_test_percent"]
+        lines.append(f"| `{r['file']}` | {r['arch']} | {protocol} | {_fmt(pub)} | {_fmt(r['measured_miou_percent'])} | "
+                     f"{_fmt(r['delta_points'])} | {r['status']} |")
     notes = [f"- `{r['file']}`: {r['note']}" for r in rows if r["note"]]
     notes += [f"- {r['status']}: {r['message']}" for r in rows if r["message"]]
     if max_images is not None:
@@ -179,7 +194,7 @@ def format_markdown(rows: Sequence[dict], split: str = "val", max_images: int | 
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Published vs measured mIoU of the released CWD checkpoints",
+    p = ArgumentParser(description="Published vs measured mIoU of the released CWD checkpoints",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt-dir", default="ckpt", help="folder holding the released files")
     p.add_argument("--data-dir", required=True, help="Cityscapes root (leftImg8bit/, gtFine/)")

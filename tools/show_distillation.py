@@ -1,7 +1,8 @@
 """Draw what channel-wise distillation compares, for one image and a teacher/student pair.
 
     python tools/show_distillation.py --teacher ckpt/teacher_city.pth --student ckpt/<student>.pth --image street.png
-    python tools/show_distillation.py --teacher T.pth --student S.pth --data-dir data/cityscapes --index 0 --channels car person road
+    python tools/show_distillation.py --teacher T.pth --student S.pth --data-dir data/cityscapes --index 0 \\
+        --channels car person road
 
 For each class channel of the logits: the teacher's and the student's distribution over the image
 positions at temperature τ (softmax over H·W of logits/τ), and the pointwise KL terms; on top, the
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from cwdseg.checkpoint import CheckpointError, atomic_write_text
+from cwdseg.cli.parser import ArgumentParser
 from cwdseg.data import DatasetError
 from cwdseg.data.labels import CLASS_NAMES, NUM_CLASSES
 from cwdseg.evaluation.loop import EvaluationError, build_eval_dataset, load_model
@@ -37,7 +39,7 @@ class ShowError(RuntimeError):
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Per-class channel distributions of teacher and student (CWD)",
+    p = ArgumentParser(description="Per-class channel distributions of teacher and student (CWD)",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--teacher", required=True, help="teacher checkpoint (.pth)")
     p.add_argument("--student", required=True, help="student checkpoint (.pth, or a run's last.pth)")
@@ -80,6 +82,18 @@ def _channels(args: argparse.Namespace, names: list[str], dist) -> list[int]:
     return picked
 
 
+def _load(path: str, flag: str, num_classes: int) -> tuple[torch.nn.Module, str]:
+    """``load_model`` with every error naming the flag whose file it is (not evaluate.py's --restore-from)."""
+    if Path(path).is_dir():
+        raise ShowError(f"{flag} {path}: is a folder, not a checkpoint file; pass a .pth file in it")
+    if not Path(path).is_file():
+        raise ShowError(f"{flag} {path}: no such file")
+    try:
+        return load_model(path, None, num_classes)
+    except (CheckpointError, EvaluationError) as exc:
+        raise ShowError(f"{flag}: {exc}") from None
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Returns the JSON written beside the PNG (per-channel KL, loss, channels drawn)."""
     args = get_args_parser().parse_args(argv)
@@ -93,8 +107,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     image_bgr, source = _pick_image(args)
     if args.resize:
         image_bgr = cv2.resize(image_bgr, (args.resize[1], args.resize[0]), interpolation=cv2.INTER_LINEAR)
-    teacher, teacher_arch = load_model(args.teacher, None, args.num_classes)
-    student, student_arch = load_model(args.student, None, args.num_classes)
+    teacher, teacher_arch = _load(args.teacher, "--teacher", args.num_classes)
+    student, student_arch = _load(args.student, "--student", args.num_classes)
     x = torch.from_numpy(apply(ORIGINAL, image_bgr))[None]
     with torch.no_grad():
         t_logits = LogitsOnly(teacher.eval())(x)

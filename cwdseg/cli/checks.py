@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from cwdseg.data.labels import NUM_CLASSES
-from cwdseg.evaluation.inference import parse_overlap
+from cwdseg.evaluation.inference import OUTPUT_STRIDE, input_size_error, parse_overlap
 
 
 def _flag(name: str) -> str:
@@ -117,7 +117,8 @@ def train_value_errors(cfg, typed: dict) -> list[str]:
     if not name or Path(name).is_absolute() or ".." in Path(name).parts or "/" in name:
         errors.append(f"--save-name {name!r}: a run name is one folder name inside --save-dir (no '/', no '..')")
     if typed.get("resume") and not Path(typed["resume"]).is_file():
-        errors.append(f"--resume {typed['resume']}: no such file")
+        errors.append(f"--resume {typed['resume']}: is a folder; pass its last.pth" if Path(typed["resume"]).is_dir()
+                      else f"--resume {typed['resume']}: no such file")
     return errors
 
 
@@ -129,6 +130,8 @@ def eval_value_errors(args: argparse.Namespace) -> list[str]:
         errors.append(f"--scales must all be > 0, got {' '.join(f'{s:g}' for s in bad_scales)}")
     if any(t < 1 for t in args.tile):
         errors.append(f"--tile must be two positive sizes, got {args.tile[0]} {args.tile[1]}")
+    elif args.mode == "sliding" and min(args.tile) < OUTPUT_STRIDE:
+        errors.append(input_size_error(0, 0, args.scales, "sliding", args.tile))
     if args.batch_size < 1 or args.tile_batch < 1 or args.num_workers < 0:
         errors.append("--batch-size and --tile-batch must be >= 1, --num-workers >= 0")
     error = class_count_error("--num-classes", args.num_classes, args.dataset or "cityscapes")
@@ -147,3 +150,20 @@ def overlap_arg(value: str) -> float:
         return parse_overlap(value)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+class OutputNameError(ValueError):
+    """An output name that would leave its folder (``..``, a separator, an absolute path)."""
+
+
+def safe_child(save_dir: str | os.PathLike, name: str, flag: str = "--save-name") -> Path:
+    """``save_dir / name`` for a ``name`` that stays one level inside ``save_dir``; else an
+    :class:`OutputNameError` with the one-line reason (``--save-name ../../x`` must not write elsewhere)."""
+    parent = Path(save_dir).expanduser().absolute()
+    child = (parent / name).resolve()
+    if not name or name in (".", "..") or Path(name).is_absolute() or "/" in name or "\\" in name \
+            or child.parent != parent.resolve():
+        raise OutputNameError(f"{flag} {name!r}: must be a plain folder name inside {save_dir} (no '/', '..' or "
+                              f"absolute path); put the path into --save-dir instead")
+    return parent / name
+

@@ -1,9 +1,11 @@
-"""Evaluate a segmentation checkpoint (PSPNet, CIRKD's DeepLabV3) on Cityscapes val (mIoU) or predict the test split for the server.
+"""Evaluate a segmentation checkpoint (PSPNet, CIRKD's DeepLabV3) on a labelled split (mIoU), or predict
+Cityscapes' test split for the server.
 
 The defaults are the protocol of every published number of the original code ("singleAndWhole"):
 the whole 1024x2048 image in one forward, one scale, no flip, fp32.
 
-    python evaluate.py --data-dir data/cityscapes --restore-from ckpt/new_rn18-cityscape_singleAndWhole_val-75.02_test-73.86.pth
+    python evaluate.py --data-dir data/cityscapes \\
+        --restore-from ckpt/new_rn18-cityscape_singleAndWhole_val-75.02_test-73.86.pth
     python evaluate.py --data-dir D --restore-from ckpt/teacher_city.pth --save-dir outputs/teacher --official-check
     python evaluate.py --data-dir D --restore-from CKPT --split test --save-dir outputs/test   # -> submission zip
     python evaluate.py ... --mode sliding --tile 512 512 --overlap 1/3 --scales 0.75 1.0 1.25 --flip
@@ -13,7 +15,8 @@ input normalisation follows it (the one its weights were trained with; ``--norma
 ``--save-dir`` it writes ``results.json`` and the predictions: for val colour PNGs (official Cityscapes
 palette), trainId PNGs, labelId PNGs and ``class_iou.png`` (per-class IoU bars; ``--compare`` another
 results.json, e.g. the teacher's, to draw both); for test labelId PNGs named ``<city>_<seq>_<frame>_leftImg8bit.png``
-and ``submission.zip`` of them. The library behind it is :mod:`cwdseg.evaluation`; ``evaluate.py`` and ``cwd-eval`` call :func:`cli`.
+and ``submission.zip`` of them. The library behind it is :mod:`cwdseg.evaluation`; ``evaluate.py`` and
+``cwd-eval`` call :func:`cli`.
 """
 from __future__ import annotations
 
@@ -29,19 +32,28 @@ import torch
 from cwdseg.api import evaluate_split, load
 from cwdseg.checkpoint import CheckpointError, atomic_write_text
 from cwdseg.cli.checks import eval_value_errors, overlap_arg
+from cwdseg.cli.parser import ArgumentParser
 from cwdseg.data import DatasetError
-from cwdseg.data.registry import DATASETS, dataset_info
 from cwdseg.data.cityscapes import default_num_workers
+from cwdseg.data.registry import DATASETS, dataset_info
+from cwdseg.data.transforms import NORMALIZATIONS
 from cwdseg.engine.distributed import DeviceError, resolve_device
 from cwdseg.engine.precision import AMP_CHOICES
-from cwdseg.data.transforms import NORMALIZATIONS
-from cwdseg.evaluation.loop import SPLITS, EvaluationError, _as_amp_dtype, build_eval_dataset, build_eval_loader, \
-    evaluate_model, load_model
-from cwdseg.models import ARCH_NAMES
+from cwdseg.evaluation.loop import (
+    SPLITS,
+    EvaluationError,
+    _as_amp_dtype,
+    build_eval_dataset,
+    build_eval_loader,
+    evaluate_model,
+    load_model,
+)
 from cwdseg.evaluation.metrics import format_table
 from cwdseg.evaluation.official import run_official_check
-from cwdseg.evaluation.outputs import prepare_save_dir
-from cwdseg.viz.bars import plot_results_iou
+from cwdseg.evaluation.outputs import prepare_save_dir, remove_outputs
+from cwdseg.export.onnx import ExportError
+from cwdseg.models import ARCH_NAMES
+from cwdseg.viz.bars import plot_class_iou_bars
 
 __all__ = ["EvaluationError", "_as_amp_dtype", "build_eval_dataset", "build_eval_loader", "evaluate_model",
            "get_args_parser", "load_model", "main", "cli"]
@@ -49,7 +61,8 @@ __all__ = ["EvaluationError", "_as_amp_dtype", "build_eval_dataset", "build_eval
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """The command line of evaluate.py (reusable by other scripts through ``parents=``)."""
-    p = argparse.ArgumentParser(description="Evaluate a segmentation checkpoint on a dataset (Cityscapes by default)", add_help=add_help,
+    p = ArgumentParser(description="Evaluate a segmentation checkpoint on a dataset (Cityscapes by default)",
+                       add_help=add_help,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default=os.environ.get("DATASET"), choices=sorted(DATASETS),
@@ -110,8 +123,9 @@ def _read_compare(parser: argparse.ArgumentParser, args: argparse.Namespace, nam
     """The --compare results.json (checked: a val evaluation with per-class IoU), or None."""
     if args.compare is None:
         return None
-    if args.save_dir is None or args.split != "val":
-        parser.error("--compare draws class_iou.png beside a val evaluation: pass --split val and --save-dir")
+    if args.save_dir is None or (args.split == "test" and args.dataset == "cityscapes"):
+        parser.error("--compare draws class_iou.png beside a scored evaluation: pass --save-dir (and a split "
+                     "with labels, e.g. --split val)")
     try:
         other = json.loads(Path(args.compare).read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -137,6 +151,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.backends.cudnn.benchmark = True  # every image has the same size
     # A toolkit student file says what it is (architecture, classes, input, dataset); foreign files are
     # recognised by their keys, with --dataset / --num-classes from the command line.
+    restore = Path(args.restore_from)
+    if restore.is_dir():
+        parser.error(f"--restore-from {restore}: is a folder, not a checkpoint file; pass one of its files "
+                     f"(e.g. {next(iter(sorted(restore.glob('*.pth'))), restore / 'city_<step>_G.pth')})")
     segmenter = load(args.restore_from, device=device, num_classes=args.num_classes, arch=args.arch,
                      normalization=args.normalization, amp=args.amp, dataset=args.dataset)  # cwdseg.load
     dataset = args.dataset or segmenter.dataset or "cityscapes"
@@ -151,28 +169,44 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      + ("drop --num-classes" if args.num_classes else "pass the dataset the network was trained on"))
     compare = _read_compare(parser, args, list(info.class_names))
 
-    if args.save_dir is not None:
-        prepare_save_dir(Path(args.save_dir), args.restore_from, args.overwrite)
+    save_dir = None if args.save_dir is None else Path(args.save_dir)
+    fresh = save_dir is not None and (not save_dir.exists() or (save_dir.is_dir() and not any(save_dir.iterdir())))
+    if save_dir is not None:
+        prepare_save_dir(save_dir, args.restore_from, args.overwrite)
+    try:
+        return _evaluate(args, segmenter, dataset, compare)
+    except BaseException:
+        if fresh:  # a failed evaluation leaves nothing that would refuse the next one
+            remove_outputs(save_dir, created=True)
+        raise
+
+
+def _evaluate(args: argparse.Namespace, segmenter: Any, dataset: str, compare: dict[str, Any] | None) -> dict[str, Any]:
+    """Evaluate, print, and write results.json and class_iou.png into --save-dir (when given)."""
     results, dataset = evaluate_split(
         segmenter, args.data_dir, dataset=dataset, split=args.split, data_list=args.data_list,
         max_images=args.max_images, mode=args.mode, tile=tuple(args.tile), overlap=args.overlap,
         tile_batch=args.tile_batch, scales=tuple(args.scales), flip=args.flip, short_side=args.short_side,
         batch_size=args.batch_size, num_workers=args.num_workers, save_dir=args.save_dir, progress=args.progress,
         log=lambda line: print(line, flush=True))
+    if isinstance(results.get("checkpoint"), dict):
+        results["checkpoint"]["given_as"] = args.restore_from  # the legend of a later --compare
 
-    if args.split == "val":
+    if results["miou"] is not None:
         print(format_table(results))
     else:
         print(f"test split: no metrics (Cityscapes test labels are dummies); submit {results['outputs']['zip']}"
-              if results["outputs"] else "test split: no metrics (labels are dummies); pass --save-dir for the PNGs")
+              if results["outputs"] else "test split: no metrics (Cityscapes test labels are dummies); pass "
+                                         "--save-dir for the server PNGs")
     print(f"{results['num_images']} images in {results['seconds']:.1f} s ({results['images_per_s']:.2f} img/s)")
 
     if args.official_check:
         check = run_official_check(results, dataset.samples)
         results["official_check"] = check
-        print(f"mIoU evaluate.py: {100 * check['ours_miou']:.4f} (absent classes count 0) | over the classes the "
-              f"official tool scores: {100 * (check['ours_miou_scored_classes'] or 0):.4f} | cityscapesscripts: "
-              f"{100 * check['official_miou']:.4f} | largest per-class difference {100 * check['max_class_diff']:.2e}")
+        print(f"mIoU (%) evaluate.py: {100 * check['ours_miou']:.2f} (absent classes count 0) | over the classes "
+              f"the official tool scores: {100 * (check['ours_miou_scored_classes'] or 0):.2f} | cityscapesscripts: "
+              f"{100 * check['official_miou']:.2f} | largest per-class difference "
+              f"{100 * check['max_class_diff']:.2e} points")
         if check["unscored_classes"]:
             print(f"  classes absent from ground truth and prediction (NaN for the official tool, 0 here): "
                   f"{', '.join(check['unscored_classes'])}")
@@ -180,18 +214,42 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.save_dir is not None:
         out = Path(args.save_dir) / "results.json"
         out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out, json.dumps(results, indent=2) + "\n")
+        if results["miou"] is not None:
+            labels = bar_labels(args.restore_from, compare, args.compare)
+            bars = plot_class_iou_bars(
+                [(labels[0], results["per_class_iou"], results["miou"])]
+                + ([(labels[1], compare["per_class_iou"], compare.get("miou"))] if compare else []),
+                out.parent / "class_iou.png",
+                f"per-class IoU, {args.split} ({results['num_images']} images)")
+        atomic_write_text(out, json.dumps(results, indent=2) + "\n")  # last: its presence marks a finished run
         print(f"wrote {out}")
-        if args.split == "val":
-            print(f"wrote {plot_results_iou(results, out.parent / 'class_iou.png', compare)}")
+        if results["miou"] is not None:
+            print(f"wrote {bars}")
     return results
+
+
+def bar_labels(restore_from: str, compare: dict[str, Any] | None, compare_path: str | None) -> list[str]:
+    """Legend labels of class_iou.png: ``<run folder>/<file stem>`` of each checkpoint (every run names its
+    student ``city_<step>_G.pth``, so the stem alone says nothing); the paths as given when those agree."""
+    def short(path: str) -> str:
+        p = Path(path)
+        return f"{p.parent.name}/{p.stem}" if p.parent.name else p.stem
+
+    labels = [short(restore_from)]
+    if compare is not None:
+        ckpt = compare.get("checkpoint") if isinstance(compare.get("checkpoint"), dict) else {}
+        other = ckpt.get("given_as") or ckpt.get("path") or str(compare_path)
+        labels.append(short(other))
+        if labels[0] == labels[1]:
+            labels = [str(restore_from), f"{other} (from {compare_path})"]
+    return labels
 
 
 def cli(argv: list[str] | None = None) -> int:
     """Console entry: :func:`main`, with clear one-line errors (exit status 2) instead of tracebacks."""
     try:
         main(argv)
-    except (EvaluationError, CheckpointError, DatasetError, DeviceError) as exc:
+    except (EvaluationError, CheckpointError, DatasetError, DeviceError, ExportError) as exc:
         print(f"evaluate.py: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

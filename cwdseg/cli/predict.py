@@ -1,7 +1,9 @@
 """Run a segmentation network on your own images and videos: colour overlays, class-id PNGs, annotated videos.
 
-    python predict.py --restore-from ckpt/new_rn18-cityscape_singleAndWhole_val-75.02_test-73.86.pth --input photos/ --output-dir outputs/photos
-    python predict.py --restore-from outputs/export/student/student.onnx --input dashcam.mp4 --output-dir outputs/dashcam
+    python predict.py --restore-from ckpt/new_rn18-cityscape_singleAndWhole_val-75.02_test-73.86.pth \\
+        --input photos/ --output-dir outputs/photos
+    python predict.py --restore-from outputs/export/student/student.onnx --input dashcam.mp4 \\
+        --output-dir outputs/dashcam
     python predict.py --restore-from CKPT --input 'frames/*.jpg' --output-dir OUT --mode sliding --batch-size 4
 
 ``--restore-from`` is a checkpoint of any architecture ``evaluate.py`` reads (the architecture comes
@@ -34,21 +36,30 @@ import cv2
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
+from cwdseg.api import class_entries, class_table, load_network
 from cwdseg.checkpoint import CheckpointError
+from cwdseg.cli.checks import overlap_arg, writable_folder_error
+from cwdseg.cli.parser import ArgumentParser
 from cwdseg.data import DatasetError
 from cwdseg.data.labels import NUM_CLASSES
 from cwdseg.data.registry import DATASETS
+from cwdseg.data.transforms import Normalization
 from cwdseg.engine.distributed import DeviceError, resolve_device
 from cwdseg.engine.precision import AMP_CHOICES
-from cwdseg.cli.checks import overlap_arg
-from cwdseg.api import class_entries, class_table, load_network
-from cwdseg.evaluation.inference import network_input, predict_ids
-from cwdseg.evaluation.loop import EvaluationError, _as_amp_dtype
-from cwdseg.evaluation.media import DECODERS, MediaError, MediaItem, VideoSink, discover, prefetch, read_image, \
-    read_video, video_info
-from cwdseg.data.transforms import Normalization
+from cwdseg.evaluation.inference import input_size_error, network_input, predict_ids
+from cwdseg.evaluation.loop import EvaluationError, _as_amp_dtype, progress_bar
+from cwdseg.evaluation.media import (
+    DECODERS,
+    MediaError,
+    MediaItem,
+    VideoSink,
+    discover,
+    prefetch,
+    read_image,
+    read_video,
+    video_info,
+)
 from cwdseg.export.normalization import ORIGINAL, channel_order, describe, from_dict, make
 from cwdseg.viz.overlay import overlay_with_legend
 
@@ -61,7 +72,7 @@ class PredictError(RuntimeError):
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """The command line of predict.py."""
-    p = argparse.ArgumentParser(description="Segment images and videos with a trained network", add_help=add_help,
+    p = ArgumentParser(description="Segment images and videos with a trained network", add_help=add_help,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--restore-from", required=True, help="checkpoint (.pth), or an export (.safetensors, .onnx)")
     p.add_argument("--input", nargs="+", required=True, help="image files, folders, glob patterns, video files")
@@ -91,12 +102,14 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="autocast of the forward: auto = bf16 on a GPU that has it, fp32 on CPU (ONNX: always fp32)")
     g.add_argument("--decoder", choices=DECODERS, default="opencv", help="video decoder")
     g.add_argument("--max-frames", type=int, default=None, help="only the first N frames of each video")
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="progress: a bar on a terminal, plain lines in a log")
     g = p.add_argument_group("output")
     g.add_argument("--alpha", type=float, default=0.5, help="weight of the class colours in the overlay")
-    g.add_argument("--no-legend", dest="legend", action="store_false", help="overlays without the legend")
-    g.add_argument("--no-ids", dest="ids", action="store_false", help="do not write class-id PNGs")
-    g.add_argument("--no-overlay", dest="overlay", action="store_false", help="do not write image overlays")
+    g.add_argument("--legend", action=argparse.BooleanOptionalAction, default=True,
+                   help="draw the legend of the classes present on the overlays")
+    g.add_argument("--ids", action=argparse.BooleanOptionalAction, default=True, help="write class-id PNGs")
+    g.add_argument("--overlay", action=argparse.BooleanOptionalAction, default=True, help="write image overlays")
     g.add_argument("--video-ext", default=".mp4", choices=(".mp4", ".avi", ".mkv", ".mov"),
                    help="container of the annotated videos")
     return p
@@ -130,9 +143,13 @@ def _read_classes_file(path: str) -> dict[str, Any]:
 def load_predictor(args: argparse.Namespace, device: torch.device) -> Predictor:
     """The network of ``--restore-from`` (.pth / .safetensors / .onnx) with its normalisation and classes."""
     path = Path(args.restore_from)
+    if path.is_dir():
+        raise PredictError(f"--restore-from {path}: is a folder, not a checkpoint file; pass a file in it "
+                           f"(.pth, .safetensors or .onnx)")
     if not path.is_file():
         raise PredictError(f"--restore-from {path}: no such file")
-    model, arch, meta, is_onnx = load_network(path, device, args.num_classes, dataset=args.dataset)  # as cwdseg.load reads files
+    # as cwdseg.load reads files
+    model, arch, meta, is_onnx = load_network(path, device, args.num_classes, dataset=args.dataset)
     if args.classes:
         meta = {**meta, **_read_classes_file(args.classes)}
     elif args.dataset:
@@ -217,6 +234,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error("--batch-size, --tile-batch and --max-frames must be >= 1")
     if not 0.0 <= args.alpha <= 1.0:
         parser.error(f"--alpha must be in [0, 1], got {args.alpha}")
+    error = writable_folder_error("--output-dir", args.output_dir)
+    if error:
+        parser.error(error)
     items = discover(args.input)
     out_dir = Path(args.output_dir)
     plans = plan_outputs(items, out_dir, args)
@@ -235,10 +255,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sinks: dict[Path, VideoSink] = {}
     pending: list[Future] = []
     frames_done, start = 0, time.perf_counter()
-    bar = tqdm(total=total or None, unit="frame", disable=not args.progress, desc="predict", dynamic_ncols=True)
+    bar = progress_bar(total, "predict", args.progress, unit="frames")
     with ThreadPoolExecutor(max_workers=2) as writers:
         try:
             for batch in _batches(prefetch(_frames(items, args), depth=2 * args.batch_size), args.batch_size):
+                error = input_size_error(*batch[0][2].shape[:2], protocol["scales"], args.mode, protocol["tile"])
+                if error:
+                    raise PredictError(f"{batch[0][0].path}: {error}")
                 x = network_input([f for _, _, f in batch], predictor.normalization, luts)
                 pred = predict_ids(predictor.model, x.to(device), **protocol)
                 ids_batch = pred.to(torch.uint8).cpu().numpy()
@@ -285,6 +308,9 @@ def cli(argv: list[str] | None = None) -> int:
         main(argv)
     except (PredictError, MediaError, EvaluationError, CheckpointError, DeviceError) as exc:
         print(f"predict.py: error: {exc}", file=sys.stderr)
+        return 2
+    except PermissionError as exc:  # a file or folder inside --output-dir that may not be written
+        print(f"predict.py: error: {exc.filename}: {exc.strerror}; choose a writable --output-dir", file=sys.stderr)
         return 2
     return 0
 

@@ -1,8 +1,8 @@
 """The datasets ``--dataset`` selects: one plain dict from name to its entry.
 
-Each entry says how to build a split (``build(root, split, list_path=None, crop_size=..., ...)``), what
+Each entry says how to build a split (``build(root, split, list_path=None, crop_size=..., ...)``) and what
 its labels mean (``info(root)`` -> :class:`cwdseg.data.info.DatasetInfo`; only ``folder`` reads the root
-for it) and where its files go (``layout``, shown in errors).
+for it); where the files go is each module's ``LAYOUT``, shown in its errors.
 """
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ _valid[: MAX_LABEL_ID + 1] = True
 CITYSCAPES_INFO = DatasetInfo(
     name="cityscapes", class_names=CLASS_NAMES, colors=TRAIN_ID_COLORS.copy(),
     file_to_class=LABEL_ID_TO_TRAIN_ID.copy(), valid_values=_valid, counts=dict(CITYSCAPES_COUNTS),
-    ignore_description="labelIds without a trainId", label_description="*_labelIds.png -> trainIds by the official table",
+    ignore_description="labelIds without a trainId",
+    label_description="*_labelIds.png -> trainIds by the official table",
 )
 CITYSCAPES_LAYOUT = """  <root>/leftImg8bit/<split>/<city>/*_leftImg8bit.png
   <root>/gtFine/<split>/<city>/*_gtFine_labelIds.png"""
@@ -34,8 +35,6 @@ def _build_cityscapes(root, split="train", list_path=None, **kwargs) -> Cityscap
 class DatasetEntry(NamedTuple):
     build: Callable[..., Any]
     info: Callable[[str | os.PathLike | None], DatasetInfo]
-    layout: str
-    description: str
 
 
 def _static(info: DatasetInfo) -> Callable[[str | os.PathLike | None], DatasetInfo]:
@@ -49,16 +48,11 @@ def _folder_info(root: str | os.PathLike | None) -> DatasetInfo:
 
 
 DATASETS: dict[str, DatasetEntry] = {
-    "cityscapes": DatasetEntry(_build_cityscapes, _static(CITYSCAPES_INFO), CITYSCAPES_LAYOUT,
-                               "Cityscapes fine, 19 classes (2975 / 500 / 1525)"),
-    "pascal_voc": DatasetEntry(voc.build, _static(voc.INFO), voc.LAYOUT,
-                               "PASCAL VOC 2012 + SBD aug, 21 classes (10582 / 1449)"),
-    "ade20k": DatasetEntry(ade20k.build, _static(ade20k.INFO), ade20k.LAYOUT,
-                           "ADE20K (ADEChallengeData2016), 150 classes (20210 / 2000)"),
-    "camvid": DatasetEntry(camvid.build, _static(camvid.INFO), camvid.LAYOUT,
-                           "CamVid, 11 classes (367 / 101 / 233)"),
-    "folder": DatasetEntry(folder.build, _folder_info, folder.LAYOUT,
-                           "your own data: images/, labels/, classes.json, splits/"),
+    "cityscapes": DatasetEntry(_build_cityscapes, _static(CITYSCAPES_INFO)),
+    "pascal_voc": DatasetEntry(voc.build, _static(voc.INFO)),
+    "ade20k": DatasetEntry(ade20k.build, _static(ade20k.INFO)),
+    "camvid": DatasetEntry(camvid.build, _static(camvid.INFO)),
+    "folder": DatasetEntry(folder.build, _folder_info),
 }
 
 

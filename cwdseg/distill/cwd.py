@@ -28,7 +28,6 @@ NOTE (for the README) -- deliberate departures from the original ``utils/criteri
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -74,7 +73,7 @@ class CriterionCWD(nn.Module):
     Shapes: student and teacher must have the same [N, C, H, W]. A spatial mismatch is an error
     unless ``resize=True`` (bilinear, ``align_corners=True``, student resized to the teacher's
     H, W). A channel mismatch is always an error: use the feature connector
-    (``networks.connector.FeatureConnector``, ``--cwd-feat True``) on the student first.
+    (``cwdseg.models.connector.FeatureConnector``, ``--cwd-feat True``) on the student first.
 
     Ignore mask (extension, off unless a mask is passed): ``ignore_mask`` is a bool [N, H, W] at the
     teacher map's size, True at positions to ignore (build it with :meth:`mask_from_labels`).
@@ -152,7 +151,7 @@ class CriterionCWD(nn.Module):
             raise ValueError(
                 f"CriterionCWD: channel counts differ: student {tuple(s.shape)} vs teacher {tuple(t.shape)}. "
                 "Map the student to the teacher's channels first with a 1x1 connector "
-                "(networks.connector.FeatureConnector; --cwd-feat True does this for the PSP feature)."
+                "(cwdseg.models.connector.FeatureConnector; --cwd-feat True does this for the PSP feature)."
             )
         if s.shape[2:] != t.shape[2:]:
             if not self.resize:

@@ -277,7 +277,8 @@ def parse_entry(entry: str) -> tuple[str, dict[str, Any]]:
             continue
         if not sep or key not in method.options:
             known = ", ".join(["on", *method.options]) if len(method.taps) > 1 else ", ".join(method.options) or "none"
-            raise DistillSpecError(f"--distill {entry!r}: unknown option {item!r} for {name}; its options: {known}")
+            raise DistillSpecError(f"--distill {entry!r}: unknown option {item!r} for {name}; its options: {known}" + (
+                f"; terms are separated by spaces: --distill {head} {item}" if key in TERM_NAMES else ""))
         if key in method.option_specs:  # declared with its type and bounds beside the term
             try:
                 out[key] = check_option(key, method.option_specs[key], raw)

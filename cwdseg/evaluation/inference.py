@@ -56,6 +56,30 @@ def parse_overlap(value: str | float) -> float:
     return result
 
 
+# Every network here (the original's PSPNets, CIRKD's DeepLabV3 and MobileNetV2) is dilated to output stride 8:
+# an input side under 8 px leaves the network less than one feature cell, and the "prediction" is one
+# upsampled vector.
+OUTPUT_STRIDE = 8
+
+
+def input_size_error(height: int, width: int, scales: Sequence[float], mode: str = "whole",
+                     tile: Sequence[int] = (512, 512), stride: int = OUTPUT_STRIDE) -> str | None:
+    """None, or the one-line reason why an ``height x width`` image under this protocol feeds the network
+    a side smaller than its output ``stride`` (whole mode: each scaled image; sliding: the tile, to which
+    smaller images are padded)."""
+    if mode == "sliding":
+        if min(tile) < stride:
+            return (f"--tile {tile[0]} {tile[1]} is under the network's output stride {stride} px; "
+                    f"use tiles of at least {stride} px (the protocol: 512 512)")
+        return None
+    for scale in scales:
+        h, w = round(scale * height), round(scale * width)
+        if min(h, w) < stride:
+            return (f"--scales {scale:g} turns the {height}x{width} input into {h}x{w} px, under the network's "
+                    f"output stride {stride}; use scales >= {stride / min(height, width):.3g}")
+    return None
+
+
 def tile_stride(tile: Sequence[int], overlap: float) -> tuple[int, int]:
     """``(stride_h, stride_w) = ceil(tile * (1 - overlap))``; 342 for a 512 tile and overlap 1/3."""
     # round() first so that 512 * (1 - 1/3) = 341.3333 lands on 342, not on a float artefact.
@@ -84,7 +108,8 @@ def _network_logits(model: nn.Module, x: torch.Tensor, autocast: contextlib.Abst
     if isinstance(out, (tuple, list)):
         out = out[0]
     if not isinstance(out, torch.Tensor) or out.ndim != 4:
-        raise TypeError(f"the model must return logits [N,C,h,w] or a tuple starting with them, got {type(out).__name__}")
+        raise TypeError(f"the model must return logits [N,C,h,w] or a tuple starting with them, "
+                        f"got {type(out).__name__}")
     return out.float()
 
 

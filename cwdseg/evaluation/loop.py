@@ -5,9 +5,9 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -18,14 +18,20 @@ from tqdm import tqdm
 
 from cwdseg.checkpoint import infer_arch, load_network, load_state_dict_file, student_metadata
 from cwdseg.data import build_loader
+from cwdseg.data.labels import CLASS_NAMES, NUM_CLASSES
 from cwdseg.data.registry import build_dataset, dataset_info
 from cwdseg.data.transforms import NORMALIZATIONS, Normalization
-from cwdseg.data.labels import CLASS_NAMES, NUM_CLASSES
 from cwdseg.engine.precision import amp_dtype
-from cwdseg.evaluation.inference import parse_overlap, predict_logits, tile_stride
+from cwdseg.evaluation.inference import input_size_error, parse_overlap, predict_logits, tile_stride
 from cwdseg.evaluation.metrics import ConfusionMatrix, iou_from_confusion
-from cwdseg.evaluation.writers import COLOR_DIR, LABEL_ID_DIR, SUBMISSION_ZIP, TRAIN_ID_DIR, write_predictions, \
-    write_submission_zip
+from cwdseg.evaluation.writers import (
+    COLOR_DIR,
+    LABEL_ID_DIR,
+    SUBMISSION_ZIP,
+    TRAIN_ID_DIR,
+    write_predictions,
+    write_submission_zip,
+)
 from cwdseg.models import NORMALIZATION, arch_spec, build_model, canonical_arch
 
 SPLITS = ("val", "test")
@@ -190,8 +196,9 @@ def evaluate_model(
 
     The model is put in eval mode for the loop (its previous mode is restored). Predictions are the
     argmax of :func:`cwdseg.evaluation.inference.predict_logits`, computed on ``device`` (default: the
-    model's); the confusion matrix accumulates there too. On ``split="test"`` the labels are Cityscapes'
-    dummies, so no metrics are computed (``miou`` etc. are None). With ``save_dir`` the prediction PNGs
+    model's); the confusion matrix accumulates there too. On Cityscapes' ``split="test"`` the labels are
+    dummies, so no metrics are computed (``miou`` etc. are None); other datasets' test labels are scored.
+    With ``save_dir`` the prediction PNGs
     are written (see :func:`cwdseg.evaluation.writers.write_predictions`) and, for test,
     ``submission.zip``; ``results.json`` is left to the caller. Scores are fractions in [0, 1].
     ``info`` (a :class:`cwdseg.data.info.DatasetInfo`; default: the loader's dataset's, else Cityscapes)
@@ -211,10 +218,14 @@ def evaluate_model(
                     num_classes=num_classes, tile_batch=tile_batch, amp_dtype=_as_amp_dtype(amp, device))
     save_path = Path(save_dir).resolve() if save_dir is not None else None
     short_side = getattr(loader.dataset, "eval_short_side", None)
+    # Only Cityscapes' test labels are dummies (predictions go to its server); CamVid's test split, which
+    # CIRKD's eval.py scores, has real labels and is scored like val.
+    role = "test" if split == "test" and not has_test_labels(info) else "val"
     conf, label_pngs, num_images, seconds = _predict_split(model.to(device), loader, protocol, device, save_path,
-                                                           split, progress, info, short_side is not None)
-    results = _report(conf, label_pngs, num_images, seconds, protocol, save_path, split, device, loader.batch_size,
+                                                           role, progress, info, short_side is not None)
+    results = _report(conf, label_pngs, num_images, seconds, protocol, save_path, role, device, loader.batch_size,
                       None if info is None else list(info.class_names))
+    results["split"] = split
     if info is not None:
         results["dataset"] = info.name
     if short_side is not None:
@@ -222,19 +233,30 @@ def evaluate_model(
     return results
 
 
+def has_test_labels(info) -> bool:
+    """Whether the test split of the dataset ``info`` describes (None: Cityscapes) has real labels."""
+    return info is not None and info.name != "cityscapes"
+
+
 def _predict_split(model: nn.Module, loader: DataLoader, protocol: dict, device: torch.device,
                    save_path: Path | None, split: str, progress: bool, info=None, to_label_size: bool = False):
     """The loop: predict, accumulate the confusion matrix, write PNGs. Returns what the report needs."""
     conf = ConfusionMatrix(protocol["num_classes"])
+    dataset = loader.dataset
+    normalization = getattr(dataset, "normalization", getattr(getattr(dataset, "dataset", None), "normalization", None))
     label_pngs: list[Path] = []
     num_images = 0
     was_training = model.training
     model.eval()
-    bar = _progress(len(loader.dataset), f"eval {split}", progress)
+    bar = progress_bar(len(loader.dataset), f"eval {split}", progress)
     start = time.perf_counter()
     try:
         for batch in loader:
             image, label, names = batch[0], batch[1], batch[2]
+            error = input_size_error(image.shape[-2], image.shape[-1], protocol["scales"], protocol["mode"],
+                                     protocol["tile"])
+            if error:
+                raise EvaluationError(f"{names[0]}: {error}")
             image = image.to(device, non_blocking=True)
             logits = predict_logits(model, image, **protocol)
             if to_label_size:  # resized inputs: scored at the labels' full resolution (mmsegmentation's order)
@@ -248,7 +270,7 @@ def _predict_split(model: nn.Module, loader: DataLoader, protocol: dict, device:
                 conf.update(pred, label.to(device, non_blocking=True))
             if save_path is not None:
                 label_pngs += write_predictions(pred, names, save_path, split, images=batch[0], labels=label,
-                                                info=info)
+                                                info=info, normalization=normalization)
             num_images += image.shape[0]
             bar.update(image.shape[0])
             bar.set_postfix(img_per_s=f"{num_images / (time.perf_counter() - start):.2f}")
@@ -263,23 +285,25 @@ def _predict_split(model: nn.Module, loader: DataLoader, protocol: dict, device:
 
 
 class _PlainProgress:
-    """Progress as whole lines (about every tenth of the split) for logs, where a bar's carriage
+    """Progress as whole lines (about every tenth of the total) for logs, where a bar's carriage
     returns pile up; the same update/set_postfix/close calls as tqdm."""
 
-    def __init__(self, total: int, desc: str) -> None:
-        self.total, self.desc, self.n, self.postfix, self.next_at = total, desc, 0, "", max(1, total // 10)
+    def __init__(self, total: int, desc: str, unit: str = "images") -> None:
+        self.step = max(1, total // 10) if total else 100  # an unknown total (some videos): every 100
+        self.total, self.desc, self.n, self.postfix, self.next_at, self.unit = total, desc, 0, "", self.step, unit
 
     def update(self, n: int) -> None:
         self.n += n
-        if self.n >= self.next_at and self.n < self.total:
+        if self.n >= self.next_at and (not self.total or self.n < self.total):
             self._print()
-            self.next_at = self.n + max(1, self.total // 10)
+            self.next_at = self.n + self.step
 
     def set_postfix(self, **values: str) -> None:
         self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
 
     def _print(self) -> None:
-        print(f"{self.desc}: {self.n}/{self.total} images" + (f" ({self.postfix})" if self.postfix else ""),
+        done = f"{self.n}/{self.total}" if self.total else str(self.n)
+        print(f"{self.desc}: {done} {self.unit}" + (f" ({self.postfix})" if self.postfix else ""),
               file=sys.stderr, flush=True)
 
     def close(self) -> None:
@@ -287,11 +311,11 @@ class _PlainProgress:
             self._print()
 
 
-def _progress(total: int, desc: str, enabled: bool):
-    """A tqdm bar on a terminal, plain lines otherwise, nothing when disabled."""
+def progress_bar(total: int, desc: str, enabled: bool, unit: str = "images"):
+    """A tqdm bar on a terminal, plain lines otherwise (a log file), nothing when disabled."""
     if enabled and not sys.stderr.isatty():
-        return _PlainProgress(total, desc)
-    return tqdm(total=total, unit="img", disable=not enabled, desc=desc, dynamic_ncols=True)
+        return _PlainProgress(total, desc, unit)
+    return tqdm(total=total or None, unit=unit, disable=not enabled, desc=desc, dynamic_ncols=True)
 
 
 def _report(conf: ConfusionMatrix, label_pngs: list[Path], num_images: int, seconds: float, protocol: dict,
@@ -306,6 +330,10 @@ def _report(conf: ConfusionMatrix, label_pngs: list[Path], num_images: int, seco
         if class_names is None:
             class_names = list(CLASS_NAMES) if num_classes == NUM_CLASSES else [str(i) for i in range(num_classes)]
         metrics = iou_from_confusion(conf.value(), class_names)
+    # Fractions stay under their historical keys (every reader knows them); the same scores in percent,
+    # the unit every printed number uses, sit beside them under keys that name it.
+    metrics.update({f"{key}_percent": None if metrics[key] is None else 100 * metrics[key]
+                    for key in ("miou", "pixel_accuracy", "mean_accuracy")})
     outputs = None
     if save_path is not None:
         outputs = {"dir": str(save_path), "label_ids": str(save_path / LABEL_ID_DIR)}

@@ -67,9 +67,23 @@ def discover(inputs: list[str]) -> list[MediaItem]:
     return items
 
 
+def truncated_jpeg(data: bytes) -> bool:
+    """Whether ``data`` is a JPEG stream without its end-of-image marker (FF D9): libjpeg decodes such a
+    file anyway, grey below the cut, with only a warning on stderr. Trailing zero padding is allowed."""
+    return data[:2] == b"\xff\xd8" and not data.rstrip(b"\0").endswith(b"\xff\xd9")
+
+
 def read_image(path: Path) -> np.ndarray:
-    """A BGR uint8 image (grey and 16-bit images are converted), or a :class:`MediaError` naming the file."""
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    """A BGR uint8 image (grey and 16-bit images are converted), or a :class:`MediaError` naming the file
+    (unreadable, or a truncated JPEG, which OpenCV would otherwise decode half grey)."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise MediaError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if truncated_jpeg(data):
+        raise MediaError(f"{path}: truncated JPEG (the file ends before its end-of-image marker); "
+                         f"download or copy it again, or remove it")
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
     if image is None:
         raise MediaError(f"{path}: cannot be read as an image (corrupt, empty or unsupported); fix or remove it")
     return image

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-import torch.distributed as dist
 
 
-def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int = 19, ignore: int = 255) -> torch.Tensor:
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int = 19,
+                     ignore: int = 255) -> torch.Tensor:
     """The ``[num_classes, num_classes]`` int64 confusion matrix (``conf[gt, pred]``) of one batch.
 
     ``pred`` and ``target`` hold class ids of the same shape (any integer dtype). Pixels with
@@ -61,20 +61,11 @@ class ConfusionMatrix:
         batch = confusion_matrix(pred, target, self.num_classes, self.ignore)
         self.mat = batch if self.mat is None else self.mat + batch
 
-    def all_reduce(self) -> None:
-        """Sum the matrices of all processes (a no-op without an initialised process group)."""
-        if self.mat is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(self.mat)
-
     def value(self) -> torch.Tensor:
         """The accumulated matrix on the CPU (zeros before any update)."""
         if self.mat is None:
             return torch.zeros(self.num_classes, self.num_classes, dtype=torch.int64)
         return self.mat.cpu()
-
-    def compute(self, class_names: Sequence[str] | None = None) -> dict:
-        """:func:`iou_from_confusion` of the accumulated matrix."""
-        return iou_from_confusion(self.value(), class_names)
 
 
 def iou_from_confusion(conf: torch.Tensor, class_names: Sequence[str] | None = None) -> dict:

@@ -35,12 +35,21 @@ def prepare_save_dir(save_dir: Path, checkpoint: str, overwrite: bool) -> None:
                               f"choose an empty --save-dir, or pass --overwrite to clear it first")
     foreign = sorted(p.name for p in save_dir.iterdir() if p.name not in OUTPUTS)
     if foreign:
-        raise EvaluationError(f"--save-dir {save_dir} holds files evaluate.py did not write ({', '.join(foreign[:5])}); "
+        raise EvaluationError(f"--save-dir {save_dir} holds files evaluate.py did not write "
+                              f"({', '.join(foreign[:5])}); "
                               "--overwrite clears only evaluation outputs: choose another --save-dir")
+    remove_outputs(save_dir)
+    print(f"--overwrite: cleared the previous outputs in {save_dir}")
+
+
+def remove_outputs(save_dir: Path, created: bool = False) -> None:
+    """Delete what evaluate.py writes into ``save_dir`` (:data:`OUTPUTS`, nothing else); ``created``: the
+    folder was made for this evaluation, so it goes too once empty (a failed run leaves no trace)."""
     for name in OUTPUTS:
         path = save_dir / name
         if path.is_dir():
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
-    print(f"--overwrite: cleared the previous outputs in {save_dir}")
+    if created and save_dir.is_dir() and not any(save_dir.iterdir()):
+        save_dir.rmdir()

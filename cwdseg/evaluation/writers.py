@@ -6,10 +6,17 @@ import zipfile
 from pathlib import Path
 from typing import Sequence
 
+import cv2
 import torch
 
 from cwdseg.data import IMG_MEAN_BGR
-from cwdseg.viz.segmaps import image_from_network_input, save_color_png, save_label_id_png, save_panel, save_train_id_png
+from cwdseg.viz.segmaps import (
+    image_from_network_input,
+    save_color_png,
+    save_label_id_png,
+    save_panel,
+    save_train_id_png,
+)
 
 # Sub-folders of --save-dir; labelIds/ alone is what the official evaluator or the server should read.
 COLOR_DIR, TRAIN_ID_DIR, LABEL_ID_DIR, PANEL_DIR = "color", "trainIds", "labelIds", "panels"
@@ -18,7 +25,7 @@ SUBMISSION_ZIP = "submission.zip"
 
 def write_predictions(pred: torch.Tensor, names: Sequence[str], save_dir: Path, split: str,
                       images: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                      info=None) -> list[Path]:
+                      info=None, normalization=None) -> list[Path]:
     """Write one batch of trainId maps ``[N, H, W]``; returns the labelId PNG paths.
 
     ``info`` (a :class:`cwdseg.data.info.DatasetInfo`, default Cityscapes) gives the colours, and the
@@ -26,7 +33,9 @@ def write_predictions(pred: torch.Tensor, names: Sequence[str], save_dir: Path, 
 
     val: ``color/<name>_color.png``, ``trainIds/<name>_trainIds.png``, ``labelIds/<name>_leftImg8bit.png``
     and, given the network inputs and labels, ``panels/<name>.jpg`` (image | ground truth | prediction |
-    errors, half size); test: ``labelIds/<name>_leftImg8bit.png`` only (the server's naming).
+    errors, half size); test: ``labelIds/<name>_leftImg8bit.png`` only (the server's naming). The panel's
+    picture is the network input undone with ``normalization`` (default: the original's Caffe BGR mean) and,
+    when the input was resized (``--short-side``), resized back to the size of the labels and prediction.
     """
     maps = pred.to(torch.uint8).cpu().numpy()
     colors = None if info is None else info.colors
@@ -37,8 +46,10 @@ def write_predictions(pred: torch.Tensor, names: Sequence[str], save_dir: Path, 
             save_color_png(save_dir / COLOR_DIR / f"{name}_color.png", train_ids, colors)
             save_train_id_png(save_dir / TRAIN_ID_DIR / f"{name}_trainIds.png", train_ids)
             if images is not None and labels is not None:
-                save_panel(save_dir / PANEL_DIR / f"{name}.jpg", image_from_network_input(images[i], IMG_MEAN_BGR),
-                           labels[i], train_ids, colors=colors)
+                picture = image_from_network_input(images[i], normalization or IMG_MEAN_BGR)
+                if picture.shape[:2] != train_ids.shape:
+                    picture = cv2.resize(picture, train_ids.shape[::-1], interpolation=cv2.INTER_LINEAR)
+                save_panel(save_dir / PANEL_DIR / f"{name}.jpg", picture, labels[i], train_ids, colors=colors)
         suffix = "_leftImg8bit.png" if info is None or info.name == "cityscapes" else ".png"  # the server's naming
         written.append(save_label_id_png(save_dir / LABEL_ID_DIR / f"{name}{suffix}", train_ids, to_file))
     return written

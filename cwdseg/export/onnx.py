@@ -24,11 +24,14 @@ Export details, each checked by ``tests/test_export.py`` at two input sizes:
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import json
+import logging
+import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -80,7 +83,7 @@ def _is_global(output_size: Any) -> bool:
 def export_ready(model: nn.Module) -> nn.Module:
     """A copy of ``model`` in eval mode, on the CPU, with non-global adaptive pooling made exact for ONNX."""
     net = copy.deepcopy(model).cpu().eval()
-    for name, module in list(net.named_modules()):
+    for _name, module in list(net.named_modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.AdaptiveAvgPool2d) and not _is_global(child.output_size):
                 setattr(module, child_name, ExactAdaptiveAvgPool2d(child.output_size))
@@ -107,6 +110,22 @@ class LogitsOnly(nn.Module):
         return out[0] if isinstance(out, (tuple, list)) else out
 
 
+@contextlib.contextmanager
+def quiet_exporter() -> Iterator[None]:
+    """Silence what the exporter says about itself, none of it the user's concern: one log line per
+    torchvision operator it cannot register (torchvision is not a dependency here) and torch's own
+    ``LeafSpec`` deprecation warning from inside ``torch.export``. Other warnings still show."""
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
+            yield
+    finally:
+        registration.setLevel(level)
+
+
 def export_onnx(model: nn.Module, path: str | Path, normalization: Normalization = ORIGINAL,
                 fold_normalization: bool = False, metadata: dict[str, Any] | None = None,
                 example_size: tuple[int, int] = (64, 64), opset: int = 18) -> Path:
@@ -123,9 +142,10 @@ def export_onnx(model: nn.Module, path: str | Path, normalization: Normalization
     example = torch.zeros(2, 3, *example_size)
     dims = {"image": {0: Dim("batch"), 2: Dim("height"), 3: Dim("width")}}
     try:
-        torch.onnx.export(wrapper, (example,), str(path), dynamo=True, input_names=[INPUT_NAME],
-                          output_names=[OUTPUT_NAME], dynamic_shapes=dims, opset_version=opset,
-                          verbose=False, optimize=True, external_data=False)
+        with quiet_exporter():
+            torch.onnx.export(wrapper, (example,), str(path), dynamo=True, input_names=[INPUT_NAME],
+                              output_names=[OUTPUT_NAME], dynamic_shapes=dims, opset_version=opset,
+                              verbose=False, optimize=True, external_data=False)
     except Exception as exc:  # the exporter's own errors are long; keep the first line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ExportError(f"ONNX export of {type(unwrap_model(model)).__name__} failed: {first}") from exc
@@ -189,8 +209,9 @@ def _session(path: str | Path, device: torch.device | None = None):
                           f"export it again with tools/export.py") from exc
 
 
-def compare_with_onnxruntime(model: nn.Module, path: str | Path, sizes: Sequence[tuple[int, int]] = ((64, 64), (96, 128)),
-                             batch: int = 2, normalization: Normalization | None = None, seed: int = 0) -> dict[str, float]:
+def compare_with_onnxruntime(model: nn.Module, path: str | Path,
+                             sizes: Sequence[tuple[int, int]] = ((64, 64), (96, 128)), batch: int = 2,
+                             normalization: Normalization | None = None, seed: int = 0) -> dict[str, float]:
     """Max |logit difference| between ONNX Runtime and the PyTorch model (fp32, eval) per input size.
 
     Inputs are random images (uint8 pixels through ``normalization`` when the graph takes raw values,

@@ -1,1 +1,3 @@
-"""Pictures: Cityscapes colour maps and panels (:mod:`.segmaps`), training curves (:mod:`.curves`)."""
+"""Pictures: colour maps and panels (:mod:`.segmaps`), overlays with a class legend (:mod:`.overlay`),
+training curves (:mod:`.curves`), per-class IoU bars (:mod:`.bars`), CWD's channel distributions
+(:mod:`.channels`) and the spread over seeds (:mod:`.seeds`)."""

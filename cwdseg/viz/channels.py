@@ -61,7 +61,8 @@ def channel_distributions(student_map: torch.Tensor, teacher_map: torch.Tensor, 
         log_t = F.log_softmax(t.reshape(c, h * w) / tau, dim=-1)
         log_s = F.log_softmax(s.reshape(c, h * w) / tau, dim=-1)
         kl_map = (tau ** 2) * log_t.exp() * (log_t - log_s)
-    return ChannelDistillation(teacher=log_t.exp().reshape(c, h, w).numpy(), student=log_s.exp().reshape(c, h, w).numpy(),
+    return ChannelDistillation(teacher=log_t.exp().reshape(c, h, w).numpy(),
+                               student=log_s.exp().reshape(c, h, w).numpy(),
                                kl_map=kl_map.reshape(c, h, w).numpy(), kl=kl, loss=loss, tau=float(tau))
 
 

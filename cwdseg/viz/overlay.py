@@ -58,7 +58,8 @@ def draw_legend(image_bgr: np.ndarray, ids: np.ndarray, class_names: Sequence[st
     pad = max(2, row // 4)
     fits = max(1, (height - 2 * pad) // row)
     shown = present if len(present) <= fits else present[:fits - 1]
-    labels = [class_names[c] for c in shown] + ([f"+{len(present) - len(shown)} more"] if len(shown) < len(present) else [])
+    more = [f"+{len(present) - len(shown)} more"] if len(shown) < len(present) else []
+    labels = [class_names[c] for c in shown] + more
     font = cv2.FONT_HERSHEY_SIMPLEX
     text_w = max(cv2.getTextSize(t, font, 0.6 * scale, thick)[0][0] for t in labels)
     box_w = min(width, pad * 3 + row + text_w)

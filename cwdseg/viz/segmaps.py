@@ -119,6 +119,7 @@ def save_panel(path: str | Path, image_bgr: np.ndarray, gt_train_ids, pred_train
     """Write :func:`make_panel` as a JPEG (small files for browsing a whole split)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), make_panel(image_bgr, gt_train_ids, pred_train_ids, scale, colors), [cv2.IMWRITE_JPEG_QUALITY, 90]):
+    panel = make_panel(image_bgr, gt_train_ids, pred_train_ids, scale, colors)
+    if not cv2.imwrite(str(path), panel, [cv2.IMWRITE_JPEG_QUALITY, 90]):
         raise OSError(f"could not write {path}")
     return path
