@@ -29,7 +29,10 @@ setup(
         # tools/run_grid.py on a Slurm cluster; PyAV for video files OpenCV cannot read
         "cluster": ["submitit>=1.5"],
         "video": ["av>=12"],
+        # SegFormer (segformer_b0 ... b5): transformers' modules; pinned because the model's state_dict keys
+        # are transformers' in-memory names (5.x renamed them); it installs beside any torch >= 2.1
+        "segformer": ["transformers==5.23.0", "safetensors>=0.4"],
         "test": ["pytest>=7", "pyspng>=0.1.2", "onnx>=1.14", "onnxruntime>=1.16", "onnxscript>=0.1",
-                 "safetensors>=0.4", "submitit>=1.5", "av>=12"],
+                 "safetensors>=0.4", "submitit>=1.5", "av>=12", "transformers==5.23.0"],
     },
 )
