@@ -110,7 +110,7 @@ def _convert(sd: dict, layout: str) -> "tuple[OrderedDict[str, torch.Tensor], li
         elif layout == "nvlabs":
             new = _nvlabs_one(key, value, out, sd)
         elif layout == "mmseg":
-            new = _mmseg_one(key.removeprefix("backbone."), value, out)
+            new = _encoder_one(key.removeprefix("backbone."), value, out, "mmseg")
         if new is None:
             unmapped.append(key)
         elif new != "":
@@ -120,26 +120,58 @@ def _convert(sd: dict, layout: str) -> "tuple[OrderedDict[str, torch.Tensor], li
     return out, unmapped
 
 
+def _split_kv(rest: str, value: torch.Tensor, prefix: str, out: dict) -> bool:
+    """NVlabs/CIRKD ``attn.kv.*``: key rows [:C], value rows [C:]."""
+    if not rest.startswith("attn.kv."):
+        return False
+    c = value.shape[0] // 2
+    out[prefix + "attention.k_proj." + rest[8:]] = value[:c]
+    out[prefix + "attention.v_proj." + rest[8:]] = value[c:]
+    return True
+
+
+def _split_qkv(rest: str, value: torch.Tensor, prefix: str, out: dict) -> bool:
+    """mmseg ``attn.attn.in_proj_*``: query, key, value rows."""
+    fused = re.match(r"attn\.attn\.in_proj_(weight|bias)$", rest)
+    if not fused:
+        return False
+    for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
+        out[f"{prefix}attention.{name}.{fused[1]}"] = part
+    return True
+
+
+# (patch-embedding regex, its conv's name, stage-norm regex, block regex, first stage index, block renames, fused split)
+_ENCODERS = {
+    "nvlabs": (r"patch_embed(\d)\.(proj|norm)\.(.+)$", "proj", r"norm(\d)\.(.+)$", r"block(\d)\.(\d+)\.(.+)$", 1,
+               _NV_BLOCK, _split_kv),
+    "mmseg": (r"layers\.(\d)\.0\.(projection|norm)\.(.+)$", "projection", r"layers\.(\d)\.2\.(.+)$",
+              r"layers\.(\d)\.1\.(\d+)\.(.+)$", 0, _MM_BLOCK, _split_qkv),
+}
+
+
+def _encoder_one(key: str, value: torch.Tensor, out: dict, layout: str) -> str | None:
+    """The new name of an encoder ``key`` of ``layout`` (``""``: written into ``out`` here; None: no encoder key)."""
+    patch, proj, stage_norm, block, first, table, split = _ENCODERS[layout]
+    m = re.match(patch, key)
+    if m:
+        part = "proj" if m[2] == proj else "layer_norm"
+        return f"segformer.stages.{int(m[1]) - first}.patch_embeddings.{part}.{m[3]}"
+    m = re.match(stage_norm, key)
+    if m:
+        return f"segformer.stages.{int(m[1]) - first}.layer_norm.{m[2]}"
+    m = re.match(block, key)
+    if not m:
+        return None
+    prefix = f"segformer.stages.{int(m[1]) - first}.blocks.{m[2]}."
+    if split(m[3], value, prefix, out):
+        return ""
+    return next((prefix + new + m[3][len(old):] for old, new in table if m[3].startswith(old)), None)
+
+
 def _nvlabs_one(key: str, value: torch.Tensor, out: dict, sd: dict) -> str | None:
     """The new name of ``key`` (``""``: written into ``out`` here; None: not an NVlabs/CIRKD key)."""
-    m = re.match(r"patch_embed(\d)\.(proj|norm)\.(.+)$", key)
-    if m:
-        return f"segformer.stages.{int(m[1]) - 1}.patch_embeddings.{'proj' if m[2] == 'proj' else 'layer_norm'}.{m[3]}"
-    m = re.match(r"norm(\d)\.(.+)$", key)
-    if m:
-        return f"segformer.stages.{int(m[1]) - 1}.layer_norm.{m[2]}"
-    m = re.match(r"block(\d)\.(\d+)\.(.+)$", key)
-    if m:
-        prefix = f"segformer.stages.{int(m[1]) - 1}.blocks.{m[2]}."
-        if m[3].startswith("attn.kv."):
-            c = value.shape[0] // 2
-            out[prefix + "attention.k_proj." + m[3][8:]] = value[:c]
-            out[prefix + "attention.v_proj." + m[3][8:]] = value[c:]
-            return ""
-        for old, new in _NV_BLOCK:
-            if m[3].startswith(old):
-                return prefix + new + m[3][len(old):]
-        return None
+    if re.match(r"(patch_embed|norm|block)\d", key):
+        return _encoder_one(key, value, out, "nvlabs")
     m = re.match(r"linear_c(\d)\.proj\.(.+)$", key)
     if m:
         return f"decode_head.linear_projections.{int(m[1]) - 1}.proj.{m[2]}"
@@ -157,27 +189,6 @@ def _nvlabs_one(key: str, value: torch.Tensor, out: dict, sd: dict) -> str | Non
     m = re.match(r"linear_pred\.(weight|bias)$", key)
     if m:
         return f"decode_head.classifier.{m[1]}"
-    return None
-
-
-def _mmseg_one(key: str, value: torch.Tensor, out: dict) -> str | None:
-    m = re.match(r"layers\.(\d)\.0\.(projection|norm)\.(.+)$", key)
-    if m:
-        return f"segformer.stages.{m[1]}.patch_embeddings.{'proj' if m[2] == 'projection' else 'layer_norm'}.{m[3]}"
-    m = re.match(r"layers\.(\d)\.2\.(.+)$", key)
-    if m:
-        return f"segformer.stages.{m[1]}.layer_norm.{m[2]}"
-    m = re.match(r"layers\.(\d)\.1\.(\d+)\.(.+)$", key)
-    if m:
-        prefix = f"segformer.stages.{m[1]}.blocks.{m[2]}."
-        fused = re.match(r"attn\.attn\.in_proj_(weight|bias)$", m[3])
-        if fused:
-            for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
-                out[f"{prefix}attention.{name}.{fused[1]}"] = part
-            return ""
-        for old, new in _MM_BLOCK:
-            if m[3].startswith(old):
-                return prefix + new + m[3][len(old):]
     return None
 
 
