@@ -14,6 +14,7 @@ underestimate on CPU; on a GPU pass ``--batch 8 --net-crop 512 512`` to measure 
     python benchmarks/bench_losses.py            # CPU, about a minute
     python benchmarks/bench_losses.py --quick    # smaller network crop, fewer repeats
     python benchmarks/bench_losses.py --device cuda --net-crop 512 512 --net-batch 8
+    python benchmarks/bench_losses.py --new-terms  # the post-CWD terms only, as ratios to CWD
 """
 from __future__ import annotations
 
@@ -46,6 +47,11 @@ from cwdseg.distill.fitnet import CriterionFitNet
 from cwdseg.distill.ifvd import CriterionIFV
 from cwdseg.distill.local import CriterionLocal
 from cwdseg.distill.pairwise import CriterionPairWise
+from cwdseg.distill.afdcd import CriterionAfDCD
+from cwdseg.distill.bpkd import CriterionBPKD
+from cwdseg.distill.cirkd import CriterionCIRKDMemory, CriterionCIRKDMiniBatch
+from cwdseg.distill.lskd import CriterionLSKD
+from cwdseg.distill.mgd import CriterionMGD
 
 NUM_CLASSES = 19
 
@@ -131,6 +137,71 @@ def _comparison_cases(s_logits, t_logits, s_feat, t_feat, labels, connector, sha
         Case("DIST", f"inter/intra-class Pearson of {shape}", lambda: dist(s_logits, t_logits).backward()),
         Case("PI feature", f"connector + channel-softmax KL, {fshape}", lambda: kd(connector(s_feat), t_feat).backward()),
     ]
+
+
+def _new_term_cases(device: torch.device, batch: int, crop: tuple[int, int]) -> list[Case]:
+    """Forward + backward of CWD (the reference rows) and each post-CWD term at the recipe's shapes,
+    with the presets' settings: logits 8x19x65x65, head features 128 (student) / 512 (teacher)."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    h, w = logit_map_size(crop)
+
+    def randn(*shape: int, scale: float = 3.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * scale).to(device)
+
+    s_logits = randn(batch, NUM_CLASSES, h, w).requires_grad_(True)
+    t_logits = randn(batch, NUM_CLASSES, h, w)
+    s_feat = randn(batch, 128, h, w).requires_grad_(True)
+    t_feat = randn(batch, 512, h, w).relu()
+    labels = torch.randint(0, NUM_CLASSES, (batch, *crop), generator=g).to(device)
+    labels[:, :crop[0] // 8] = 255                                         # some ignored pixels
+    connector = FeatureConnector(128, 512).to(device).train()
+    cwd = CriterionCWD("channel", "kl", 4.0)
+    lskd, cirkd_kd, bpkd = CriterionLSKD(2.0), CriterionLSKD(1.0, standardize=False), CriterionBPKD(NUM_CLASSES)
+    batch_rel = CriterionCIRKDMiniBatch(0.1)
+    memory = CriterionCIRKDMemory(128, 512, NUM_CLASSES, rng=torch.Generator().manual_seed(0)).to(device).train()
+    mgd = CriterionMGD(128, 512, rng=torch.Generator().manual_seed(0)).to(device).train()
+    afdcd = CriterionAfDCD(128, 512, rng=torch.Generator().manual_seed(0)).to(device).train()
+    shape, fshape = f"{batch}x{NUM_CLASSES}x{h}x{w}", f"{batch}x128->512x{h}x{w}"
+    return [
+        Case("CWD logits", f"channel KL tau=4 on {shape}", lambda: cwd(s_logits, t_logits).backward()),
+        Case("CWD feature", f"connector 128->512 + channel KL on {batch}x512x{h}x{w}",
+             lambda: cwd(connector(s_feat), t_feat).backward()),
+        Case("LS-KD", f"z-score + pixel KL T=2 on {shape}", lambda: lskd(s_logits, t_logits).backward()),
+        Case("CIRKD pixel KD", f"pixel KL T=1 (class sum) on {shape}", lambda: cirkd_kd(s_logits, t_logits).backward()),
+        Case("CIRKD mini-batch", f"B^2={batch * batch} PxP relations (P={h * w}), checkpointed rows, {fshape}",
+             lambda: batch_rel(s_feat, t_feat).backward()),
+        Case("CIRKD memory", f"projection head, enqueue, 216+54 per class x 19 contrast, {fshape}",
+             lambda: memory(s_feat, t_feat, labels).backward()),
+        Case("MGD", f"align 1x1 + mask + generator (2 3x3 convs 512) + SSE, {fshape}",
+             lambda: mgd(s_feat, t_feat).backward()),
+        Case("Af-DCD", f"as MGD + 16-group 4x4-patch contrast on 4x-pooled maps, {fshape}",
+             lambda: afdcd(s_feat, t_feat).backward()),
+        Case("BPKD", f"edge band from {batch}x{crop[0]}x{crop[1]} labels, edge KL + body CWD on {shape}",
+             lambda: bpkd(s_logits, t_logits, labels).backward()),
+    ]
+
+
+def run_new_terms(device: str = "cpu", batch: int = 8, crop: tuple[int, int] = (512, 512), reps: int = 5) -> list[dict]:
+    """Time CWD and the post-CWD terms interleaved; rows ``{name, what, spread (s), ratio_feature,
+    ratio_logits}``: the median over the median of CWD on the feature / on the logits."""
+    dev = torch.device(device)
+    cases = _new_term_cases(dev, batch, crop)
+    times = stats.interleaved({c.name: c.fn for c in cases}, reps, warmup=1, sync=lambda: _sync(dev))
+    summaries = {c.name: stats.summarize(times[c.name]) for c in cases}
+    feat, logit = summaries["CWD feature"].median, summaries["CWD logits"].median
+    return [{"name": c.name, "what": c.what, "spread": summaries[c.name].as_dict(), "device": device,
+             "ratio_feature": summaries[c.name].median / feat, "ratio_logits": summaries[c.name].median / logit}
+            for c in cases]
+
+
+def format_new_terms(rows: list[dict]) -> str:
+    """The rows as a Markdown table (ms, IQR, min-max, ratios to CWD)."""
+    lines = ["| term | what | ms, median | IQR | min–max | / CWD feature | / CWD logits |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        sp = {k: v * 1e3 for k, v in r["spread"].items() if k != "n"}
+        lines.append(f"| {r['name']} | {r['what']} | {sp['median']:.1f} | {sp['q1']:.1f}–{sp['q3']:.1f} | "
+                     f"{sp['min']:.1f}–{sp['max']:.1f} | {r['ratio_feature']:.3f} | {r['ratio_logits']:.1f} |")
+    return "\n".join(lines)
 
 
 def _network_cases(device: torch.device, batch: int, crop: tuple[int, int], net_batch: int,
@@ -232,9 +303,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    p.add_argument("--new-terms", action="store_true", help="time only CWD and the post-CWD terms (issue 22)")
     a = p.parse_args(argv)
     if a.quick:
         print(stats.QUICK_BANNER)
+    if a.new_terms:
+        rows = run_new_terms(a.device, a.batch, tuple(a.crop), a.reps or (2 if a.quick else 5))
+        print(format_new_terms(rows))
+        if a.json:
+            Path(a.json).write_text(json.dumps(rows, indent=2) + "\n")
+        return
     rows = run(quick=a.quick, device=a.device, batch=a.batch, crop=tuple(a.crop), net_batch=a.net_batch,
                net_crop=tuple(a.net_crop) if a.net_crop else None, reps=a.reps)
     print(format_table(rows))

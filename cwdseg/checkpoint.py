@@ -107,7 +107,10 @@ def _check_tensor_dict(obj: Any, path: Path | str, where: str = "") -> "OrderedD
         raise CheckpointError(f"{path}{where}: not a state_dict: {len(bad)} entries are not tensors: {shown}"
                               + (" ...; a training checkpoint? its 'student' entry is read automatically"
                                  if "student" not in obj else ""))
-    return OrderedDict(obj)
+    out = OrderedDict(obj)
+    if getattr(obj, "_metadata", None) is not None:
+        out._metadata = obj._metadata  # type: ignore[attr-defined]  # the toolkit's student metadata rides here
+    return out
 
 
 def load_state_dict_file(path: str | os.PathLike) -> "OrderedDict[str, torch.Tensor]":
@@ -313,8 +316,8 @@ def toolbox_to_original(sd: dict) -> "tuple[OrderedDict[str, torch.Tensor], list
     return out, dropped
 
 
-def load_teacher(model: nn.Module, path: str | os.PathLike) -> None:
-    """Load a teacher file into ``model``, strictly (every key, every shape).
+def load_network(model: nn.Module, path: str | os.PathLike, role: str = "network") -> None:
+    """Load a network file into ``model``, strictly (every key, every shape), whatever its role.
 
     PSPNet: the original layout (``pspmodule.*``/``head.*``) and the toolbox layout
     (``head.0.*``/``head.1.*`` + ``fc.*``, the ImageNet classifier, which is dropped).
@@ -323,7 +326,12 @@ def load_teacher(model: nn.Module, path: str | os.PathLike) -> None:
     sd = load_state_dict_file(path)
     if any(k.startswith("head.0.") for k in sd) and isinstance(unwrap_model(model), PSPNet):
         sd, _ = toolbox_to_original(sd)
-    _load_strict(model, sd, path, f"teacher ({_arch_of(unwrap_model(model)) or 'network'})")
+    _load_strict(model, sd, path, f"{role} ({_arch_of(unwrap_model(model)) or 'network'})")
+
+
+def load_teacher(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load a teacher file into ``model`` (:func:`load_network`)."""
+    load_network(model, path, "teacher")
 
 
 def load_student(model: nn.Module, path: str | os.PathLike) -> None:
@@ -511,11 +519,36 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     _atomic_write(path, text.encode("utf-8"))
 
 
-def save_student(model: nn.Module, path: str | os.PathLike) -> None:
+STUDENT_FORMAT = "cwdseg/student/1"
+
+
+def student_filename(dataset: str, step: int) -> str:
+    """The student file of ``step``: the original's ``city_<step>_G.pth`` on Cityscapes,
+    ``<dataset>_<step>_G.pth`` on the other datasets."""
+    return f"{'city' if dataset == 'cityscapes' else dataset}_{step}_G.pth"
+
+
+def save_student(model: nn.Module, path: str | os.PathLike, meta: dict | None = None) -> None:
     """Save the student's weights in the released layout (150 keys for PSPNet-R18, no prefixes,
     no ``num_batches_tracked``). The legacy serialization is used so that the file opens in the
-    original tools (PyTorch 0.4-1.5) as well as here."""
-    atomic_save(export_state_dict(model), path, legacy_format=True)
+    original tools (PyTorch 0.4-1.5) as well as here.
+
+    ``meta`` (plain JSON data: architecture, classes, normalisation, the run's configuration) travels in
+    the state dict's ``_metadata`` attribute under ``"cwdseg"``: ``load_state_dict`` ignores entries that
+    name no module, ``torch.load(weights_only=True)`` restores them, so the file stays a plain state dict
+    that the original code loads strictly."""
+    sd = export_state_dict(model)
+    if meta is not None:
+        sd._metadata = getattr(sd, "_metadata", OrderedDict())  # type: ignore[attr-defined]
+        sd._metadata["cwdseg"] = dict(meta, format=STUDENT_FORMAT)  # type: ignore[attr-defined]
+    atomic_save(sd, path, legacy_format=True)
+
+
+def student_metadata(state_dict: dict) -> dict | None:
+    """What the toolkit wrote into a student file (:func:`save_student`), or None for a foreign file."""
+    meta = getattr(state_dict, "_metadata", None) or {}
+    found = meta.get("cwdseg") if isinstance(meta, dict) else None
+    return found if isinstance(found, dict) and found.get("format") == STUDENT_FORMAT else None
 
 
 def state_dict_digest(state_dict: dict[str, torch.Tensor]) -> str:

@@ -371,17 +371,18 @@ def test_train_and_evaluate_end_to_end(roots, name, tmp_path):
                 "--save-name", "run", *TINY], env_extra={"DATASET": name})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     run_dir = tmp_path / "run"
-    config = json.loads((run_dir / "config.json").read_text())
-    assert config["dataset"] == name and config["num_classes"] == NUM_CLASSES[name]
+    data = json.loads((run_dir / "config.json").read_text())["config"]["data"]
+    assert data["dataset"] == name and data["num_classes"] == NUM_CLASSES[name]
     result = json.loads((run_dir / "eval.json").read_text())
     assert list(result["per_class_iou"]) == list(dataset_info(name, roots[name]).class_names)
-    student = torch.load(run_dir / "city_1_G.pth", map_location="cpu", weights_only=True)
+    student_file = run_dir / f"{'city' if name == 'cityscapes' else name}_1_G.pth"  # the dataset names the file
+    student = torch.load(student_file, map_location="cpu", weights_only=True)
     assert student["head.weight"].shape[0] == NUM_CLASSES[name]
     if name == "folder":  # the user's 5 classes, through evaluate.py as well
         from cwdseg.cli import evaluate
 
-        out = evaluate.main(["--dataset", "folder", "--data-dir", str(roots[name]), "--restore-from",
-                             str(run_dir / "city_1_G.pth"), "--device", "cpu", "--num-workers", "0",
+        out = evaluate.main(["--data-dir", str(roots[name]), "--restore-from",  # the file names its dataset
+                             str(student_file), "--device", "cpu", "--num-workers", "0",
                              "--no-progress", "--save-dir", str(tmp_path / "eval")])
         assert out["settings"]["num_classes"] == 5 and list(out["per_class_iou"])[-1] == "stone"
         assert (tmp_path / "eval" / "results.json").is_file()
@@ -396,7 +397,7 @@ def test_exp_cwd_reads_dataset_and_data_dir_from_the_environment(roots, tmp_path
     assert "camvid train: 4 images" in proc.stdout
     # TINY's R18 teacher is not the paper's pair, so the run name carries both architectures
     run_dir = tmp_path / "False_False_False_channel_kl_3_4_v1_T-pspnet_resnet18_S-pspnet_resnet18"
-    assert json.loads((run_dir / "config.json").read_text())["num_classes"] == 11
+    assert json.loads((run_dir / "config.json").read_text())["config"]["data"]["num_classes"] == 11
 
 
 def test_num_classes_must_agree_with_the_dataset(roots, capsys):
@@ -419,21 +420,21 @@ def test_recipes_set_defaults_and_typed_flags_win(monkeypatch):
     from cwdseg.cli import train
 
     monkeypatch.delenv("DATA_DIR", raising=False)
-    a = train.resolve_args(["--recipe", "camvid"])
-    assert (a.dataset, a.input_size, a.batch_size, a.num_steps, a.lr_g, a.weight_decay) == \
-        ("camvid", (360, 360), 16, 40000, 0.02, 1e-4)
-    assert a.random_scale and a.random_mirror and a.data_dir == "data/camvid"
-    a = train.resolve_args(["--recipe", "ade20k", "--num-steps", "5", "--data-dir", "d"])
-    assert (a.num_steps, a.batch_size, a.input_size, a.data_dir) == (5, 16, (512, 512), "d")
-    a = train.resolve_args(["--recipe", "pascal_voc"])
-    assert (a.num_steps, a.batch_size, a.lr_g) == (40000, 16, 0.01)
+    a = train.resolve_config(["--recipe", "camvid"])
+    assert (a.data.dataset, a.data.crop_size, a.optim.batch_size, a.optim.num_steps, a.optim.lr,
+            a.optim.weight_decay) == ("camvid", (360, 360), 16, 40000, 0.02, 1e-4)
+    assert a.data.random_scale and a.data.random_mirror and a.data.root == "data/camvid"
+    a = train.resolve_config(["--recipe", "ade20k", "--num-steps", "5", "--data-dir", "d"])
+    assert (a.optim.num_steps, a.optim.batch_size, a.data.crop_size, a.data.root) == (5, 16, (512, 512), "d")
+    a = train.resolve_config(["--recipe", "pascal_voc"])
+    assert (a.optim.num_steps, a.optim.batch_size, a.optim.lr) == (40000, 16, 0.01)
     monkeypatch.setenv("DATA_DIR", "/x/voc")
-    assert train.resolve_args(["--dataset", "pascal_voc"]).data_dir == "/x/voc"
+    assert train.resolve_config(["--dataset", "pascal_voc"]).data.root == "/x/voc"
     # A fixed-class dataset's count is known at argument time; a folder dataset's comes from its
     # classes.json, read in main() (the data may not exist yet, e.g. before --demo generates it).
-    assert train.resolve_args([]).num_classes == 19
-    assert train.resolve_args(["--dataset", "pascal_voc"]).num_classes == 21
-    assert train.resolve_args(["--dataset", "folder"]).num_classes is None
+    assert train.resolve_config([]).data.num_classes == 19
+    assert train.resolve_config(["--dataset", "pascal_voc"]).data.num_classes == 21
+    assert train.resolve_config(["--dataset", "folder"]).data.num_classes is None
 
 
 def test_short_side_evaluation_resizes_images_and_scores_full_size_labels(roots, tmp_path):

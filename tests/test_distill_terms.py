@@ -2,7 +2,6 @@
 its paper's formula written here with explicit loops (plain Python floats, not the modules' tensor code)."""
 from __future__ import annotations
 
-import argparse
 import math
 
 import pytest
@@ -14,8 +13,9 @@ from cwdseg.distill.fitnet import CriterionFitNet
 from cwdseg.distill.ifvd import CriterionIFV
 from cwdseg.distill.local import CriterionLocal
 from cwdseg.distill.pairwise import CriterionPairWise
+from cwdseg.cli.train_config import resolve_terms
 from cwdseg.distill.registry import (METHODS, PRESETS, TABLE2, TERM_NAMES, DistillSpecError, build_term,
-                                     parse_distill, resolve_spec)
+                                     parse_distill)
 
 N, H, W = 2, 7, 6
 IGNORE = 255
@@ -219,10 +219,14 @@ def test_dist_matches_formula(beta, gamma, tau):
 # ------------------------------------------------------------------------------------------------
 # Common properties of every term: student-only gradient, bf16, resize
 # ------------------------------------------------------------------------------------------------
+TABLE2_METHODS = ("cwd", "kd", "at", "local", "pa", "ifvd", "fitnet", "dist")
+
+
 def all_terms():
-    """(name, loss module, student channels, teacher channels): every term of the registry but adv."""
+    """(name, loss module, student channels, teacher channels): every term of the paper's comparison but adv
+    (the methods published after CWD have the same checks in test_new_terms.py)."""
     for name in TERM_NAMES:
-        if name == "adv":
+        if TERM_NAMES[name][0] not in TABLE2_METHODS:
             continue
         _, opts = next(iter(parse_distill([f"{name}=1"]).items()))
         from cwdseg.distill.registry import complete
@@ -265,11 +269,14 @@ def test_student_map_is_resized_to_the_teachers(name, module, cs, ct):
 # ------------------------------------------------------------------------------------------------
 # The spec
 # ------------------------------------------------------------------------------------------------
-def flags(**kw) -> argparse.Namespace:
-    base = dict(preset=None, distill=None, cwd=False, cwd_feat=False, kd=False, adv=False, lambda_cwd=3.0,
-                lambda_kd=10.0, lambda_adv=0.001, lambda_d=0.1, lambda_gp=10.0, temperature=4.0,
-                norm_type="channel", divergence="kl", cwd_ignore_mask=False)
-    return argparse.Namespace(**(base | kw))
+def resolve_spec(typed: dict) -> dict:
+    """The spec the typed flags give (no recipe file, no demo layer)."""
+    return resolve_terms([], None, typed)[1]
+
+
+def flags(**kw) -> dict:
+    """Flags as typed on the command line (argparse dests; untyped flags are absent)."""
+    return dict(kw)
 
 
 def test_original_flags_become_spec_entries():
@@ -319,15 +326,16 @@ def test_presets_cover_table2_and_parse():
 # train.py's flags
 # ------------------------------------------------------------------------------------------------
 def test_train_flags_resolve_the_spec_and_name_the_run():
-    from cwdseg.cli.train import resolve_args
+    from cwdseg.cli.train import resolve_config
 
-    a = resolve_args(["--preset", "at_feat"])
-    assert a.save_name == "at_feat" and a.distill_terms == {"at_feat": {"weight": 10000.0, "on": "feature", "p": 2.0}}
-    a = resolve_args(["--distill", "at=100", "kd=1"])
-    assert a.save_name == "at100_kd1" and list(a.distill_terms) == ["at", "kd"]
-    a = resolve_args(["--cwd", "True", "--kd", "True"])  # the original flags: the original run name
-    assert a.save_name == "True_False_False_channel_kl_3_4_train" and list(a.distill_terms) == ["cwd", "kd"]
-    assert resolve_args([]).distill_terms == {}
+    a = resolve_config(["--preset", "at_feat"])
+    assert a.output.name == "at_feat"
+    assert a.distill.terms == {"at_feat": {"weight": 10000.0, "on": "feature", "p": 2.0}}
+    a = resolve_config(["--distill", "at=100", "kd=1"])
+    assert a.output.name == "at100_kd1" and list(a.distill.terms) == ["at", "kd"]
+    a = resolve_config(["--cwd", "True", "--kd", "True"])  # the original flags: the original run name
+    assert a.output.name == "True_False_False_channel_kl_3_4_train" and list(a.distill.terms) == ["cwd", "kd"]
+    assert resolve_config([]).distill.terms == {}
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -336,10 +344,10 @@ def test_train_flags_resolve_the_spec_and_name_the_run():
     (["--preset", "nope"], "invalid choice: 'nope'"),
 ])
 def test_train_rejects_bad_specs_with_one_line(argv, message, capsys):
-    from cwdseg.cli.train import resolve_args
+    from cwdseg.cli.train import resolve_config
 
     with pytest.raises(SystemExit) as exc:
-        resolve_args(argv)
+        resolve_config(argv)
     err = capsys.readouterr().err
     assert exc.value.code == 2 and message in err and "Traceback" not in err
 
@@ -354,7 +362,12 @@ def test_connectors_follow_each_terms_policy(teacher, expected):
 
     spec = resolve_spec(flags(cwd=True, cwd_feat=True, distill=["at_feat=1", "kd_feat=1", "fitnet=1", "pa_feat=1",
                                                                   "ifvd_feat=1", "local_feat=1", "at=1"]))
-    connectors = build_connectors(argparse.Namespace(distill_terms=spec, teacher_arch=teacher), "resnet18")
+    from cwdseg.config import RunConfig, from_dict, to_dict
+
+    data = to_dict(RunConfig())
+    data["distill"]["terms"] = spec
+    data["models"].update(teacher_arch={"resnet101": "pspnet_resnet101", "resnet18": "pspnet_resnet18"}[teacher])
+    connectors = build_connectors(from_dict(data))
     got = {name: (m.out_channels if isinstance(m, (torch.nn.Conv2d, FeatureConnector)) else None)
            for name, m in connectors.items()}
     assert got == expected

@@ -132,9 +132,14 @@ def run_folder(tmp_path_factory) -> Path:
     """A finished run as train.py leaves it: config.json, the final student, eval.json."""
     run = tmp_path_factory.mktemp("runs") / "cwd_run"
     write_legacy_student(run / "city_99_G.pth", seed=2)
-    config = {"save_name": "cwd_run", "num_steps": 100, "batch_size": 8, "lr_g": 0.01, "cwd": True, "temperature": 4.0,
-              "lambda_cwd": 3.0, "norm_type": "channel", "data_dir": "/somewhere/cityscapes", "device": "cpu"}
-    (run / "config.json").write_text(json.dumps(config))
+    from cwdseg.config import CONFIG_FORMAT, RunConfig, to_dict
+
+    config = to_dict(RunConfig())  # the recipe's defaults, as train.py records them, with an AT run's terms
+    config["output"]["name"], config["optim"]["num_steps"], config["data"]["root"] = "cwd_run", 100, "/somewhere/cs"
+    config["distill"] = {"preset": "at_feat", "terms": {"at_feat": {"weight": 10000.0, "on": "feature", "p": 2.0}}}
+    config["models"]["student_init"] = "random"
+    inputs = {"teacher": {"path": "ckpt/teacher_city.pth", "sha256": "ab" * 32}, "student_init": None}
+    (run / "config.json").write_text(json.dumps({"format": CONFIG_FORMAT, "config": config, "inputs": inputs}))
     names = ["road", "sidewalk", "building"] + [f"class{i}" for i in range(3, 19)]
     per_class = {n: round(0.013 * (i + 1), 6) for i, n in enumerate(names)}
     evaluation = {"miou": 0.4321, "pixel_accuracy": 0.8765, "per_class_iou": per_class, "split": "val",
@@ -159,8 +164,15 @@ def test_export_writes_every_file_with_the_run_metadata(exported, run_folder, ca
     assert not list(out.glob("*.data"))  # one self-contained ONNX file
     written = json.loads((out / "cwd_run.json").read_text())
     assert written["arch"] == "pspnet_resnet18" and written["selection"] == FINAL  # the registry's name
-    assert written["val"]["miou"] == 0.4321 and written["recipe"]["lambda_cwd"] == 3.0
-    assert "data_dir" not in written["recipe"]  # paths are not recipe
+    assert written["val"]["miou"] == 0.4321
+    training = written["training"]  # from the run's configuration, not from the paper's defaults
+    assert training["distillation"]["terms"] == {"at_feat": {"weight": 10000.0, "on": "feature", "p": 2.0}}
+    assert training["teacher"] == {"arch": "pspnet_resnet101", "file": "ckpt/teacher_city.pth", "sha256": "ab" * 32}
+    assert training["schedule"]["num_steps"] == 100 and training["data"]["dataset"] == "cityscapes"
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "| distillation term `at_feat` | weight 10000; on feature, p 2.0 |" in card
+    assert "sha256 `abababababababab`" in card and "100 steps" in card
+    assert "paper's recipe" not in card and "65x65" not in card  # nothing true only of the paper's recipe
     assert written["classes"][0] == {"id": 0, "name": "road", "color": [128, 64, 128]}
     assert written["normalization"] == to_dict(ORIGINAL) and written["normalization"]["channel_order"] == "BGR"
     assert max(written["onnx_check"]["max_abs_logit_diff"].values()) < 1e-3
@@ -233,7 +245,7 @@ def test_export_errors_are_one_line(run_folder, exported, tmp_path, capsys):
     empty = tmp_path / "empty_run"
     empty.mkdir()
     assert export_tool.cli([str(empty), "--out-dir", str(tmp_path / "o")]) == 2
-    assert "city_<step>_G.pth" in capsys.readouterr().err
+    assert "<dataset>_<step>_G.pth" in capsys.readouterr().err
 
 
 def test_normalization_luts_equal_the_training_pipeline():

@@ -37,5 +37,5 @@ def test_default_workers_fit_the_cores():
     from cwdseg.cli import train
 
     cores = len(os.sched_getaffinity(0))
-    workers = train.resolve_args([]).num_workers
+    workers = train.resolve_config([]).data.num_workers
     assert 1 <= workers <= max(1, cores - 1)

@@ -57,7 +57,7 @@ def test_quick_start_is_what_ci_runs():
 def _parse_train(argv: list[str]) -> None:
     from cwdseg.cli import train
 
-    train.resolve_args(argv)
+    train.resolve_config(argv)
 
 
 def check(command: str, synthetic: Path, tmp_path: Path) -> None:
@@ -75,7 +75,7 @@ def check(command: str, synthetic: Path, tmp_path: Path) -> None:
         # The script's own argument checks run for real; train.py's parser checks what it passes on.
         stub = tmp_path / "parse_only.sh"
         stub.write_text(f'#!/bin/sh\nshift\nexec {sys.executable} -c "import sys; '
-                        f'from cwdseg.cli import train; a = train.resolve_args(sys.argv[1:]); print(a.save_name)" "$@"\n')
+                        f'from cwdseg.cli import train; a = train.resolve_config(sys.argv[1:]); print(a.output.name)" "$@"\n')
         stub.chmod(0o755)
         out = subprocess.run(argv, cwd=ROOT, env=dict(env, PYTHON=str(stub)), capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr

@@ -81,12 +81,15 @@ def test_exp_cwd_recipe_writes_run_outputs(recipe, data_dir, tmp_path):
     run_dir = tmp_path / name
     assert run_dir.is_dir(), f"run folder {name} missing; have {list(tmp_path.iterdir())}"
 
-    config = json.loads((run_dir / "config.json").read_text())
-    assert config["save_name"] == name and config["torch_version"] == torch.__version__
-    assert config["cwd"] == (recipe != "baseline") and config["cwd_feat"] == (feat == "True")
-    assert config["kd"] == (kd == "True") and config["adv"] == (adv == "True")
-    assert config["lambda_cwd"] == float(weight) and config["temperature"] == float(temp)
-    assert config["input_size"] == [64, 64] and config["num_steps"] == 3
+    record = json.loads((run_dir / "config.json").read_text())
+    config, terms = record["config"], record["config"]["distill"]["terms"]
+    assert config["output"]["name"] == name and record["environment"]["torch_version"] == torch.__version__
+    assert ("cwd" in terms) == (recipe != "baseline")
+    assert ("kd" in terms) == (kd == "True") and ("adv" in terms) == (adv == "True")
+    if "cwd" in terms:
+        assert terms["cwd"]["on"] == ("feature" if feat == "True" else "logits")
+        assert terms["cwd"]["weight"] == float(weight) and terms["cwd"]["tau"] == float(temp)
+    assert config["data"]["crop_size"] == [64, 64] and config["optim"]["num_steps"] == 3
 
     lines = metric_lines(run_dir)
     assert [r["step"] for r in lines] == [0, 1, 2]
@@ -193,7 +196,7 @@ def test_resume_with_other_settings_is_refused(data_dir, tmp_path):
     assert run(base).returncode == 0
     proc = run(base + ["--lr-g", "0.5"])
     assert proc.returncode != 0
-    assert "lr_g: saved 0.01, now 0.5" in proc.stderr
+    assert "optim.lr: saved 0.01, now 0.5" in proc.stderr
 
 
 @pytest.mark.slow
@@ -241,7 +244,8 @@ def test_grad_accumulation_keeps_the_effective_batch(data_dir, tmp_path):
     assert last["sampler"]["samples_per_rank"] == 2 * 4
     lines = metric_lines(tmp_path / "accum")
     assert all(r["images_per_s"] > 0 and r["loss"]["cwd"] > 0 for r in lines)
-    assert json.loads((tmp_path / "accum" / "config.json").read_text())["cwd_ignore_mask"] is True
+    terms = json.loads((tmp_path / "accum" / "config.json").read_text())["config"]["distill"]["terms"]
+    assert terms["cwd"]["ignore_mask"] is True
 
 
 # ------------------------------------------------------------------------------------------------
@@ -274,7 +278,7 @@ def test_train_rejects_bad_arguments(argv, message, capsys):
     from cwdseg.cli import train
 
     with pytest.raises(SystemExit) as exc:
-        train.resolve_args(argv)
+        train.resolve_config(argv)
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
 
@@ -282,28 +286,31 @@ def test_train_rejects_bad_arguments(argv, message, capsys):
 def test_original_flag_spellings_are_accepted():
     from cwdseg.cli import train
 
-    args = train.resolve_args([
+    args = train.resolve_config([
         "--data-dir", "d", "--input-size", "256,512", "--kd", "True", "--adv", "False", "--cwd", "True",
         "--cwd-feat", "False", "--T_ckpt_path", "t.pth", "--is-student-load-imgnet", "False",
         "--student-pretrain-model-imgnet", "s.pth", "--num_classes", "19", "--save-ckpt-every", "100",
         "--random-mirror", "--random-scale", "True", "--lambda-cwd", "3", "--temperature", "4", "--gpu", "0",
     ])
-    assert args.input_size == (256, 512) and args.kd is True and args.adv is False
-    assert args.T_ckpt_path == "t.pth" and args.student_pretrain_model_imgnet == "s.pth"
-    assert args.save_every == 100 and args.random_mirror is True and args.random_scale is True
-    assert args.save_name == "True_False_False_channel_kl_3_4_train"
+    assert args.data.crop_size == (256, 512) and list(args.distill.terms) == ["cwd", "kd"]
+    assert args.models.teacher_ckpt == "t.pth" and args.models.student_init == "random"  # --is-student-load-imgnet False
+    assert args.output.save_every == 100 and args.data.random_mirror is True and args.data.random_scale is True
+    assert args.output.name == "True_False_False_channel_kl_3_4_train" and args.engine.device == "cuda:0"
 
 
 def test_defaults_are_the_original_recipe():
     from cwdseg.cli import train
 
-    a = train.resolve_args([])
-    assert (a.num_steps, a.batch_size, a.input_size) == (40000, 8, (512, 512))
-    assert (a.lr_g, a.momentum, a.weight_decay, a.power) == (0.01, 0.9, 5e-4, 0.9)
-    assert (a.lambda_kd, a.lambda_adv, a.lambda_d, a.lambda_gp, a.lr_d) == (10.0, 0.001, 0.1, 10.0, 4e-4)
-    assert (a.seed, a.random_mirror, a.random_scale) == (0, False, False)
-    assert a.T_ckpt_path == "ckpt/teacher_city.pth"
-    assert a.student_pretrain_model_imgnet == "ckpt/resnet18-imagenet.pth"
+    a = train.resolve_config([])
+    assert (a.optim.num_steps, a.optim.batch_size, a.data.crop_size) == (40000, 8, (512, 512))
+    assert (a.optim.lr, a.optim.momentum, a.optim.weight_decay, a.optim.power) == (0.01, 0.9, 5e-4, 0.9)
+    assert a.optim.lr_d == 4e-4 and a.optim.optimizer == "sgd" and a.optim.warmup_steps == 0
+    assert (a.optim.seed, a.data.random_mirror, a.data.random_scale) == (0, False, False)
+    assert a.models.teacher_ckpt == "ckpt/teacher_city.pth"
+    assert a.models.student_init == "ckpt/resnet18-imagenet.pth"
+    terms = train.resolve_config(["--kd", "True", "--adv", "True"]).distill.terms
+    assert terms["kd"]["weight"] == 10.0
+    assert (terms["adv"]["weight"], terms["adv"]["d"], terms["adv"]["gp"]) == (0.001, 0.1, 10.0)
 
 
 def test_missing_checkpoints_stop_with_a_message(data_dir, tmp_path):

@@ -55,9 +55,9 @@ def test_exp_cwd_trains_any_pair(pair, mode, data_dir, tmp_path):
     name = "_".join([*positional[4:7], *positional[:4], positional[7]]) + f"_T-{teacher}_S-{student}"
     run_dir = tmp_path / name
     assert run_dir.is_dir(), list(tmp_path.iterdir())
-    config = json.loads((run_dir / "config.json").read_text())
-    assert (config["teacher_arch"], config["student_arch"]) == (teacher, student)
-    assert config["student_normalization"] == config["teacher_normalization"] == "caffe_bgr"
+    models = json.loads((run_dir / "config.json").read_text())["config"]["models"]
+    assert (models["teacher_arch"], models["student_arch"]) == (teacher, student)
+    assert models["student_normalization"] == models["teacher_normalization"] == "caffe_bgr"
     lines = metric_lines(run_dir)
     assert [r["step"] for r in lines] == [0, 1]
     assert all(set(r["loss"]) == {"ce", "cwd", "total"} and r["loss"]["cwd"] > 0 for r in lines)
@@ -79,45 +79,45 @@ def test_normalisation_mismatch_is_an_error_naming_both(capsys):
     argv = ["--cwd", "True", "--teacher-arch", "deeplabv3_resnet101", "--student-arch", "deeplabv3_resnet18",
             "--teacher-normalization", "imagenet_rgb"]
     with pytest.raises(SystemExit) as exc:
-        train.resolve_args(argv)
+        train.resolve_config(argv)
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "teacher deeplabv3_resnet101 expects imagenet_rgb" in err
     assert "student deeplabv3_resnet18 expects caffe_bgr" in err and "--allow-normalization-mismatch" in err
-    args = train.resolve_args(argv + ["--allow-normalization-mismatch"])
-    assert (args.teacher_normalization, args.student_normalization) == ("imagenet_rgb", "caffe_bgr")
+    args = train.resolve_config(argv + ["--allow-normalization-mismatch"])
+    assert (args.models.teacher_normalization, args.models.student_normalization) == ("imagenet_rgb", "caffe_bgr")
     # without a teacher there is no pair to check
-    assert train.resolve_args(["--student-arch", "deeplabv3_resnet18", "--teacher-normalization",
-                               "imagenet_rgb"]).student_normalization == "caffe_bgr"
+    assert train.resolve_config(["--student-arch", "deeplabv3_resnet18", "--teacher-normalization",
+                               "imagenet_rgb"]).models.student_normalization == "caffe_bgr"
 
 
 def test_adversarial_term_across_map_sizes_is_refused_kd_resizes(capsys):
     from cwdseg.cli import train
 
     with pytest.raises(SystemExit):
-        train.resolve_args(["--cwd", "True", "--adv", "True", "--teacher-arch", "deeplabv3_resnet101",
+        train.resolve_config(["--cwd", "True", "--adv", "True", "--teacher-arch", "deeplabv3_resnet101",
                             "--input-size", "512,512"])
     err = capsys.readouterr().err
     assert "teacher deeplabv3_resnet101 gives 64x64 maps and the student pspnet_resnet18 65x65" in err
     # Pixel-wise KD, like every distillation term, resizes the student map to the teacher's size.
-    args = train.resolve_args(["--cwd", "True", "--kd", "True", "--teacher-arch", "deeplabv3_resnet101",
+    args = train.resolve_config(["--cwd", "True", "--kd", "True", "--teacher-arch", "deeplabv3_resnet101",
                                "--input-size", "512,512"])
-    assert set(args.distill_terms) == {"cwd", "kd"}
+    assert set(args.distill.terms) == {"cwd", "kd"}
 
 
 def test_run_names_and_per_arch_defaults():
     from cwdseg.cli import train
 
-    paper = train.resolve_args(["--cwd", "True"])
-    assert paper.save_name == "False_False_False_channel_kl_3_4_train"  # the paper's pair: unchanged
-    other = train.resolve_args(["--cwd", "True", "--teacher-arch", "deeplabv3_resnet101",
+    paper = train.resolve_config(["--cwd", "True"])
+    assert paper.output.name == "False_False_False_channel_kl_3_4_train"  # the paper's pair: unchanged
+    other = train.resolve_config(["--cwd", "True", "--teacher-arch", "deeplabv3_resnet101",
                                 "--student-arch", "deeplabv3_mobilenetv2"])
-    assert other.save_name.endswith("_T-deeplabv3_resnet101_S-deeplabv3_mobilenetv2")
-    assert other.student_pretrain_model_imgnet == "ckpt/mobilenetv2-imagenet.pth"
-    assert train.resolve_args(["--student-arch", "deeplabv3_resnet18"]).save_name == "baseline_S-deeplabv3_resnet18"
-    assert train.resolve_args(["--exp-name", "x", "--cwd", "True", "--teacher-arch", "resnet18"]).save_name == \
+    assert other.output.name.endswith("_T-deeplabv3_resnet101_S-deeplabv3_mobilenetv2")
+    assert other.models.student_init == "ckpt/mobilenetv2-imagenet.pth"
+    assert train.resolve_config(["--student-arch", "deeplabv3_resnet18"]).output.name == "baseline_S-deeplabv3_resnet18"
+    assert train.resolve_config(["--exp-name", "x", "--cwd", "True", "--teacher-arch", "resnet18"]).output.name == \
         "x_T-pspnet_resnet18_S-pspnet_resnet18"
-    assert train.resolve_args(["--save-name", "mine", "--student-arch", "deeplabv3_resnet18"]).save_name == "mine"
+    assert train.resolve_config(["--save-name", "mine", "--student-arch", "deeplabv3_resnet18"]).output.name == "mine"
 
 
 @pytest.mark.slow

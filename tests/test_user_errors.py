@@ -101,7 +101,7 @@ def test_train_refuses_bad_values(argv, message, capsys, tmp_path):
     from cwdseg.cli import train
 
     with pytest.raises(SystemExit) as exc:
-        train.resolve_args(["--save-dir", str(tmp_path), *argv])
+        train.resolve_config(["--save-dir", str(tmp_path), *argv])
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
@@ -111,7 +111,7 @@ def test_train_refuses_a_read_only_save_dir(readonly_dir, capsys):
     from cwdseg.cli import train
 
     with pytest.raises(SystemExit) as exc:
-        train.resolve_args(["--save-dir", str(readonly_dir / "runs")])
+        train.resolve_config(["--save-dir", str(readonly_dir / "runs")])
     assert exc.value.code == 2
     assert f"--save-dir {readonly_dir / 'runs'}: cannot write into {readonly_dir}" in capsys.readouterr().err
 
@@ -260,10 +260,10 @@ def test_resume_refuses_a_changed_teacher_file_by_content(data_dir, tmp_path):
     proc = run(cmd)
     assert proc.returncode == 0, proc.stderr
     assert "at step 1/2" in proc.stdout
-    config = json.loads((run_dir / "config.json").read_text())
-    assert config["T_ckpt_path"] == str(teacher), "config.json keeps what the run started with"
-    assert config["resumes"][-1]["step"] == 1
-    assert config["resumes"][-1]["changed"]["T_ckpt_path"] == {"was": str(teacher), "now": str(moved)}
+    record = json.loads((run_dir / "config.json").read_text())
+    assert record["config"]["models"]["teacher_ckpt"] == str(teacher), "config.json keeps what the run started with"
+    assert record["resumes"][-1]["step"] == 1
+    assert record["resumes"][-1]["changed"]["models.teacher_ckpt"] == {"was": str(teacher), "now": str(moved)}
 
 
 def test_checkpoint_of_another_class_count_names_both(student_files):

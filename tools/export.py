@@ -23,7 +23,8 @@ from cwdseg.checkpoint import CheckpointError, atomic_write_text
 from cwdseg.data import DatasetError
 from cwdseg.data.labels import CLASS_NAMES, NUM_CLASSES, TRAIN_ID_COLORS
 from cwdseg.data.registry import DATASETS, dataset_info
-from cwdseg.evaluation.loop import EvaluationError, load_model, sha256_file
+from cwdseg.data.transforms import NORMALIZATIONS
+from cwdseg.evaluation.loop import EvaluationError, load_model_file, sha256_file
 from cwdseg.export.metadata import SELECTIONS, ExportSourceError, build_metadata, class_table, resolve_source
 from cwdseg.export.model_card import render_model_card
 from cwdseg.export.normalization import ORIGINAL, channel_order, make
@@ -61,10 +62,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="class names and colours of this dataset; default: the run's config.json, else cityscapes")
     p.add_argument("--classes", default=None,
                    help="JSON file: a list of class names or of {name, color: [r, g, b]} (overrides --dataset)")
-    p.add_argument("--channel-order", choices=("BGR", "RGB"), default=channel_order(ORIGINAL),
-                   help="input channel order the weights expect")
-    p.add_argument("--mean", type=float, nargs=3, default=list(ORIGINAL.mean), help="per-channel mean (0..255)")
-    p.add_argument("--std", type=float, nargs=3, default=list(ORIGINAL.std), help="per-channel std (0..255 units)")
+    p.add_argument("--channel-order", choices=("BGR", "RGB"), default=None,
+                   help="input channel order the weights expect; default: the file's record, else the architecture's "
+                        f"(the original's: {channel_order(ORIGINAL)})")
+    p.add_argument("--mean", type=float, nargs=3, default=None, help="per-channel mean (0..255); default as --channel-order")
+    p.add_argument("--std", type=float, nargs=3, default=None, help="per-channel std (0..255 units); default as --channel-order")
     p.add_argument("--fold-normalization", action="store_true",
                    help="the ONNX graph takes raw 0..255 values and normalises itself")
     p.add_argument("--check-sizes", type=_size, nargs="+", default=[(128, 256), (256, 512)],
@@ -109,10 +111,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Export; returns the metadata written (with ``files`` and ``onnx_check``)."""
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    try:
-        normalization = make(args.channel_order, args.mean, args.std)
-    except ValueError as exc:
-        parser.error(str(exc))
     source = resolve_source(args.source, args.select, args.eval_json, args.config_json)
     name = args.name or source.name
     out_dir = Path(args.out_dir or Path("outputs") / "export" / name)
@@ -124,11 +122,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise ExportSourceError(f"{existing[0]} exists ({len(existing)} of the export files do); pass --overwrite "
                                 f"to replace them or choose another --out-dir")
 
-    num_classes = args.num_classes or int((source.config or {}).get("num_classes", NUM_CLASSES))
-    model, arch = load_model(source.weights, None, num_classes)
-    model.eval()
-    config = source.config or {}
-    classes = read_classes(args.classes, num_classes, args.dataset or config.get("dataset"), config.get("data_dir"))
+    data = (source.config or {}).get("data", {})
+    loaded = load_model_file(source.weights, None, args.num_classes or data.get("num_classes"),
+                             args.dataset or data.get("dataset"))
+    model, arch, num_classes = loaded.model.eval(), loaded.arch, loaded.num_classes
+    # A toolkit file (or run) records its normalisation and classes; flags override, foreign files need them.
+    default = NORMALIZATIONS[loaded.normalization]
+    try:
+        normalization = make(args.channel_order or channel_order(default), args.mean or list(default.mean),
+                             args.std or list(default.std))
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.classes is None and args.dataset is None and loaded.class_names:
+        classes = class_table(loaded.class_names, loaded.class_colors)
+    else:
+        classes = read_classes(args.classes, num_classes, args.dataset or data.get("dataset"), data.get("root"))
     gmacs = {f"{h}x{w}": count_macs(model, (h, w)) / 1e9 for h, w in args.gmacs_sizes}
     meta = build_metadata(arch, num_classes, source, normalization, classes, count_parameters(model), gmacs)
     meta["source_sha256"] = sha256_file(source.weights)

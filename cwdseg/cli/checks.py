@@ -19,19 +19,6 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _number_errors(args: argparse.Namespace, rules: dict[str, tuple[str, float]]) -> list[str]:
-    """``rules``: attribute -> (">" or ">=", bound). Missing attributes are skipped (other commands)."""
-    errors = []
-    for name, (op, bound) in rules.items():
-        value = getattr(args, name, None)
-        if value is None:
-            continue
-        ok = math.isfinite(value) and (value > bound if op == ">" else value >= bound)
-        if not ok:
-            errors.append(f"{_flag(name)} must be {op} {bound:g}, got {value:g}")
-    return errors
-
-
 def writable_folder_error(flag: str, folder: str | os.PathLike) -> str | None:
     """Whether outputs can be written under ``folder`` (created if needed): its nearest existing
     ancestor must be a writable directory. None when fine, else the one-line error."""
@@ -66,29 +53,71 @@ def class_count_error(flag: str, num_classes: int, dataset: str = "cityscapes") 
     return None
 
 
-TRAIN_RULES: dict[str, tuple[str, float]] = {
+# The original's distillation flags (their values become term options, checked here as typed).
+LEGACY_RULES: dict[str, tuple[str, float]] = {
     "temperature": (">", 0), "lambda_cwd": (">=", 0), "lambda_kd": (">=", 0), "lambda_adv": (">=", 0),
-    "lambda_d": (">=", 0), "lambda_gp": (">=", 0), "lr_g": (">", 0), "lr_d": (">", 0), "momentum": (">=", 0),
-    "weight_decay": (">=", 0), "power": (">=", 0),
+    "lambda_d": (">=", 0), "lambda_gp": (">=", 0),
+}
+# Configuration fields -> (flag that names them in messages, rule).
+CONFIG_RULES: dict[str, tuple[str, str, float]] = {
+    "optim.lr": ("--lr-g", ">", 0), "optim.lr_d": ("--lr-d", ">", 0), "optim.momentum": ("--momentum", ">=", 0),
+    "optim.weight_decay": ("--weight-decay", ">=", 0), "optim.power": ("--power", ">=", 0),
+    "optim.head_lr_mult": ("optim.head_lr_mult", ">", 0), "optim.warmup_ratio": ("optim.warmup_ratio", ">", 0),
+    "optim.batch_size": ("--batch-size", ">", 0), "optim.num_steps": ("--num-steps", ">", 0),
+    "optim.grad_accum": ("--grad-accum", ">", 0), "output.save_last_every": ("--save-last-every", ">", 0),
+    "output.log_every": ("--log-every", ">", 0), "output.save_every": ("--save-every", ">=", 0),
+    "eval.every": ("--eval-every", ">=", 0), "data.num_workers": ("--num-workers", ">=", 0),
+    "optim.warmup_steps": ("optim.warmup_steps", ">=", 0),
+    "eval.teacher_check_images": ("--teacher-check-images", ">=", 0),
+}
+CHOICES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "optim.optimizer": ("--optimizer", ("sgd", "adamw")),
 }
 
 
-def train_value_errors(args: argparse.Namespace) -> list[str]:
-    """Every bad value of train.py's arguments, one line each."""
-    errors = _number_errors(args, TRAIN_RULES)
-    if getattr(args, "momentum", 0) >= 1:
-        errors.append(f"--momentum must be < 1, got {args.momentum:g}")
-    if not 0 <= args.ignore_label <= 255:
-        errors.append(f"--ignore-label must be in 0..255 (labels are 8-bit), got {args.ignore_label}")
-    elif args.num_classes is not None and args.ignore_label < args.num_classes:
-        errors.append(f"--ignore-label {args.ignore_label} is one of the {args.num_classes} classes; "
-                      "it must be >= --num_classes (the recipe: 255)")
-    for error in (class_count_error("--num_classes", args.num_classes, getattr(args, "dataset", "cityscapes")),
-                  writable_folder_error("--save-dir", args.save_dir)):
+def _check(flag: str, value: float, op: str, bound: float) -> str | None:
+    ok = math.isfinite(value) and (value > bound if op == ">" else value >= bound)
+    if ok:
+        return None
+    if isinstance(value, int) and op == ">" and bound == 0:
+        return f"{flag} must be positive, got {value}"
+    return f"{flag} must be {op} {bound:g}, got {value:g}"
+
+
+def train_value_errors(cfg, typed: dict) -> list[str]:
+    """Every bad value of a resolved run configuration (``cfg``, a :class:`cwdseg.config.RunConfig`) and of
+    the original's distillation flags as typed (``typed``), one line each, named by flag where one exists."""
+    errors = [e for name, (op, bound) in LEGACY_RULES.items() if name in typed
+              for e in [_check(_flag(name), float(typed[name]), op, bound)] if e]
+    for key, (flag, op, bound) in CONFIG_RULES.items():
+        section, name = key.split(".")
+        error = _check(flag, getattr(getattr(cfg, section), name), op, bound)
         if error:
             errors.append(error)
-    if args.resume and not Path(args.resume).is_file():
-        errors.append(f"--resume {args.resume}: no such file")
+    for key, (flag, allowed) in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            errors.append(f"{flag} {value!r}: choose one of {', '.join(allowed)}")
+    if cfg.optim.momentum >= 1:
+        errors.append(f"--momentum must be < 1, got {cfg.optim.momentum:g}")
+    d = cfg.data
+    if not 0 <= d.ignore_label <= 255:
+        errors.append(f"--ignore-label must be in 0..255 (labels are 8-bit), got {d.ignore_label}")
+    elif d.num_classes is not None and d.ignore_label < d.num_classes:
+        errors.append(f"--ignore-label {d.ignore_label} is one of the {d.num_classes} classes; "
+                      "it must be >= --num_classes (the recipe: 255)")
+    if len(d.crop_size) != 2 or min(d.crop_size) <= 0:
+        errors.append(f"--input-size must be two positive sizes H,W, got {d.crop_size}")
+    for error in (class_count_error("--num_classes", d.num_classes, d.dataset),
+                  writable_folder_error("--save-dir", cfg.output.save_dir)):
+        if error:
+            errors.append(error)
+    name = cfg.output.name
+    if not name or Path(name).is_absolute() or ".." in Path(name).parts or "/" in name:
+        errors.append(f"--save-name {name!r}: a run name is one folder name inside --save-dir (no '/', no '..')")
+    if typed.get("resume") and not Path(typed["resume"]).is_file():
+        errors.append(f"--resume {typed['resume']}: no such file")
     return errors
 
 
@@ -102,7 +131,7 @@ def eval_value_errors(args: argparse.Namespace) -> list[str]:
         errors.append(f"--tile must be two positive sizes, got {args.tile[0]} {args.tile[1]}")
     if args.batch_size < 1 or args.tile_batch < 1 or args.num_workers < 0:
         errors.append("--batch-size and --tile-batch must be >= 1, --num-workers >= 0")
-    error = class_count_error("--num-classes", args.num_classes, getattr(args, "dataset", "cityscapes"))
+    error = class_count_error("--num-classes", args.num_classes, args.dataset or "cityscapes")
     if error:
         errors.append(error)
     if args.save_dir is not None:

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from cwdseg.api import evaluate_split, load
 from cwdseg.checkpoint import CheckpointError, atomic_write_text
 from cwdseg.cli.checks import eval_value_errors, overlap_arg
 from cwdseg.data import DatasetError
@@ -35,7 +36,7 @@ from cwdseg.engine.distributed import DeviceError, resolve_device
 from cwdseg.engine.precision import AMP_CHOICES
 from cwdseg.data.transforms import NORMALIZATIONS
 from cwdseg.evaluation.loop import SPLITS, EvaluationError, _as_amp_dtype, build_eval_dataset, build_eval_loader, \
-    checkpoint_normalization, evaluate_model, load_model, sha256_file
+    evaluate_model, load_model
 from cwdseg.models import ARCH_NAMES
 from cwdseg.evaluation.metrics import format_table
 from cwdseg.evaluation.official import run_official_check
@@ -51,8 +52,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Evaluate a segmentation checkpoint on a dataset (Cityscapes by default)", add_help=add_help,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default=os.environ.get("DATASET", "cityscapes"), choices=sorted(DATASETS),
-                   help="dataset layout and label convention of --data-dir (from $DATASET when set)")
+    g.add_argument("--dataset", default=os.environ.get("DATASET"), choices=sorted(DATASETS),
+                   help="dataset layout and label convention of --data-dir; default: $DATASET, else the one a "
+                        "toolkit student file records, else cityscapes")
     g.add_argument("--data-dir", required=True, help="dataset root (Cityscapes: holds leftImg8bit/ and gtFine/)")
     g.add_argument("--split", choices=SPLITS, default="val", help="val: mIoU; test: labelId PNGs for the server")
     g.add_argument("--data-list", default=None,
@@ -130,39 +132,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     errors = eval_value_errors(args)
     if errors:
         parser.error("; ".join(errors))
-    if args.official_check and args.dataset != "cityscapes":
-        parser.error("--official-check runs cityscapesscripts, which scores Cityscapes only; drop it for "
-                     f"--dataset {args.dataset}")
-    info = dataset_info(args.dataset, args.data_dir)
-    if args.num_classes is None:
-        args.num_classes = info.num_classes
-    elif args.num_classes != info.num_classes:
-        parser.error(f"--num-classes {args.num_classes} contradicts --dataset {args.dataset}, which has "
-                     f"{info.num_classes} classes; drop --num-classes")
-    compare = _read_compare(parser, args, list(info.class_names))
     device = resolve_device(args.device, args.gpu)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # every image has the same size
+    # A toolkit student file says what it is (architecture, classes, input, dataset); foreign files are
+    # recognised by their keys, with --dataset / --num-classes from the command line.
+    segmenter = load(args.restore_from, device=device, num_classes=args.num_classes, arch=args.arch,
+                     normalization=args.normalization, amp=args.amp, dataset=args.dataset)  # cwdseg.load
+    dataset = args.dataset or segmenter.dataset or "cityscapes"
+    if args.official_check and dataset != "cityscapes":
+        parser.error("--official-check runs cityscapesscripts, which scores Cityscapes only; drop it for "
+                     f"--dataset {dataset}")
+    info = dataset_info(dataset, args.data_dir)
+    if segmenter.num_classes != info.num_classes:
+        given = (f"--num-classes {args.num_classes}" if args.num_classes
+                 else f"{args.restore_from} ({segmenter.num_classes} classes)")
+        parser.error(f"{given} contradicts --dataset {dataset}, which has {info.num_classes} classes; "
+                     + ("drop --num-classes" if args.num_classes else "pass the dataset the network was trained on"))
+    compare = _read_compare(parser, args, list(info.class_names))
 
-    model, arch = load_model(args.restore_from, args.arch, args.num_classes)
     if args.save_dir is not None:
         prepare_save_dir(Path(args.save_dir), args.restore_from, args.overwrite)
-    normalization = checkpoint_normalization(arch, args.normalization)
-    dataset = build_eval_dataset(args.data_dir, args.split, args.data_list, args.max_images, dataset=args.dataset,
-                                 short_side=args.short_side, normalization=normalization)
-    loader = build_eval_loader(dataset, args.batch_size, args.num_workers)
-    print(f"evaluating {args.restore_from} ({arch}, input {normalization.name}) on {len(dataset)} {args.split} images, {args.mode} mode, "
-          f"scales {args.scales}, flip {args.flip}, amp {args.amp}, device {device}", flush=True)
-
-    results = evaluate_model(
-        model, loader, num_classes=args.num_classes, mode=args.mode, tile=tuple(args.tile), overlap=args.overlap,
-        scales=tuple(args.scales), flip=args.flip, device=device, amp=args.amp, save_dir=args.save_dir,
-        split=args.split, progress=args.progress, tile_batch=args.tile_batch,
-    )
-    results["checkpoint"] = {"path": str(Path(args.restore_from).resolve()), "sha256": sha256_file(args.restore_from),
-                             "arch": arch, "normalization": normalization.name}
-    results["data"] = {"dataset": args.dataset, "data_dir": str(Path(args.data_dir).resolve()), "data_list": args.data_list,
-                       "max_images": args.max_images}
+    results, dataset = evaluate_split(
+        segmenter, args.data_dir, dataset=dataset, split=args.split, data_list=args.data_list,
+        max_images=args.max_images, mode=args.mode, tile=tuple(args.tile), overlap=args.overlap,
+        tile_batch=args.tile_batch, scales=tuple(args.scales), flip=args.flip, short_side=args.short_side,
+        batch_size=args.batch_size, num_workers=args.num_workers, save_dir=args.save_dir, progress=args.progress,
+        log=lambda line: print(line, flush=True))
 
     if args.split == "val":
         print(format_table(results))

@@ -38,17 +38,18 @@ from tqdm import tqdm
 
 from cwdseg.checkpoint import CheckpointError
 from cwdseg.data import DatasetError
-from cwdseg.data.labels import CLASS_NAMES, NUM_CLASSES, TRAIN_ID_COLORS
-from cwdseg.data.registry import DATASETS, dataset_info
+from cwdseg.data.labels import NUM_CLASSES
+from cwdseg.data.registry import DATASETS
 from cwdseg.engine.distributed import DeviceError, resolve_device
 from cwdseg.engine.precision import AMP_CHOICES
 from cwdseg.cli.checks import overlap_arg
-from cwdseg.evaluation.inference import predict_logits
-from cwdseg.evaluation.loop import EvaluationError, _as_amp_dtype, load_model
+from cwdseg.api import class_entries, class_table, load_network
+from cwdseg.evaluation.inference import network_input, predict_ids
+from cwdseg.evaluation.loop import EvaluationError, _as_amp_dtype
 from cwdseg.evaluation.media import DECODERS, MediaError, MediaItem, VideoSink, discover, prefetch, read_image, \
     read_video, video_info
 from cwdseg.data.transforms import Normalization
-from cwdseg.export.normalization import ORIGINAL, apply, channel_order, describe, from_dict, make
+from cwdseg.export.normalization import ORIGINAL, channel_order, describe, from_dict, make
 from cwdseg.viz.overlay import overlay_with_legend
 
 OVERLAY_DIR, IDS_DIR = "overlay", "ids"
@@ -67,7 +68,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--output-dir", required=True, help="where the overlays, id PNGs and videos go")
     p.add_argument("--overwrite", action="store_true", help="replace outputs that exist")
     g = p.add_argument_group("model")
-    g.add_argument("--num-classes", type=int, default=NUM_CLASSES, help="classes of a .pth checkpoint")
+    g.add_argument("--num-classes", type=int, default=None,
+                   help="classes of a .pth checkpoint; default: its metadata, else 19 (Cityscapes)")
     g.add_argument("--dataset", choices=sorted(DATASETS), default=None,
                    help="take the class names and colours of this dataset; default: the export's, else Cityscapes'")
     g.add_argument("--classes", default=None, help="JSON list of class names or {name, color} (overrides --dataset)")
@@ -112,17 +114,6 @@ class Predictor:
     is_onnx: bool
 
 
-def _classes_from(meta: dict[str, Any], num_classes: int) -> tuple[list[str], np.ndarray]:
-    classes = meta.get("classes")
-    if classes:
-        return [c["name"] for c in classes], np.array([c["color"] for c in classes], np.uint8)
-    if num_classes == NUM_CLASSES:
-        return list(CLASS_NAMES), np.asarray(TRAIN_ID_COLORS)
-    hues = np.linspace(0, 179, num_classes, endpoint=False).astype(np.uint8)  # distinct colours for unknown classes
-    hsv = np.stack([hues, np.full_like(hues, 200), np.full_like(hues, 230)], -1)[None]
-    return [str(i) for i in range(num_classes)], cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0]
-
-
 def _read_classes_file(path: str) -> dict[str, Any]:
     try:
         items = json.loads(Path(path).read_text())
@@ -130,14 +121,10 @@ def _read_classes_file(path: str) -> dict[str, Any]:
         raise PredictError(f"--classes {path}: cannot read it as JSON ({exc})") from None
     if not isinstance(items, list) or not items:
         raise PredictError(f"--classes {path}: expected a list of class names or of {{name, color}}")
-    table = []
-    for i, it in enumerate(items):
-        name = it if isinstance(it, str) else it.get("name") if isinstance(it, dict) else None
-        color = [128, 128, 128] if isinstance(it, str) else it.get("color") if isinstance(it, dict) else None
-        if not isinstance(name, str) or not isinstance(color, list) or len(color) != 3:
-            raise PredictError(f"--classes {path}: entry {i} is not a name or {{\"name\": ..., \"color\": [r, g, b]}}")
-        table.append({"name": name, "color": color})
-    return {"classes": table}
+    try:
+        return {"classes": class_entries(items)}
+    except ValueError as exc:
+        raise PredictError(f"--classes {path}: {exc}") from None
 
 
 def load_predictor(args: argparse.Namespace, device: torch.device) -> Predictor:
@@ -145,31 +132,17 @@ def load_predictor(args: argparse.Namespace, device: torch.device) -> Predictor:
     path = Path(args.restore_from)
     if not path.is_file():
         raise PredictError(f"--restore-from {path}: no such file")
-    meta: dict[str, Any] = {}
-    suffix = path.suffix.lower()
-    if suffix == ".onnx":
-        from cwdseg.export.onnx import OnnxSegmenter
-
-        model: nn.Module = OnnxSegmenter(path, device)
-        meta = model.metadata
-        arch = f"{meta.get('arch', 'network')} (ONNX Runtime)"
-    elif suffix == ".safetensors":
-        from cwdseg.export.weights import load_safetensors_model
-
-        model, arch, meta = load_safetensors_model(path)
-    else:
-        model, arch = load_model(path, None, args.num_classes)
+    model, arch, meta, is_onnx = load_network(path, device, args.num_classes, dataset=args.dataset)  # as cwdseg.load reads files
     if args.classes:
         meta = {**meta, **_read_classes_file(args.classes)}
     elif args.dataset:
         try:
-            info = dataset_info(args.dataset)
+            meta = {**meta, "classes": class_entries(args.dataset)}
         except DatasetError as exc:  # 'folder' reads its classes from its root's classes.json
             raise PredictError(f"--dataset {args.dataset}: {exc}; pass --classes ROOT/classes.json instead") from None
-        meta = {**meta, "classes": [{"name": n, "color": [int(v) for v in c]}
-                                    for n, c in zip(info.class_names, info.colors)]}
-    num_classes = int(meta.get("num_classes", len(meta["classes"]) if meta.get("classes") else args.num_classes))
-    names, colors = _classes_from(meta, num_classes)
+    num_classes = int(meta.get("num_classes", len(meta["classes"]) if meta.get("classes") else
+                               args.num_classes or NUM_CLASSES))
+    names, colors = class_table(meta, num_classes)
     base = from_dict(meta["normalization"]) if "normalization" in meta else ORIGINAL
     if args.channel_order and args.channel_order != channel_order(base) and args.mean is None:
         raise PredictError(f"--channel-order {args.channel_order} differs from the weights' {channel_order(base)}: "
@@ -179,7 +152,7 @@ def load_predictor(args: argparse.Namespace, device: torch.device) -> Predictor:
                              args.std or base.std)
     except ValueError as exc:
         raise PredictError(str(exc)) from None
-    return Predictor(model.to(device).eval(), arch, normalization, names, colors, suffix == ".onnx")
+    return Predictor(model, arch, normalization, names, colors, is_onnx)
 
 
 def plan_outputs(items: list[MediaItem], out_dir: Path, args: argparse.Namespace) -> dict[Path, dict[str, Path]]:
@@ -266,8 +239,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with ThreadPoolExecutor(max_workers=2) as writers:
         try:
             for batch in _batches(prefetch(_frames(items, args), depth=2 * args.batch_size), args.batch_size):
-                x = torch.from_numpy(np.stack([apply(predictor.normalization, f, luts) for _, _, f in batch]))
-                pred = predict_logits(predictor.model, x.to(device), **protocol).argmax(dim=1)
+                x = network_input([f for _, _, f in batch], predictor.normalization, luts)
+                pred = predict_ids(predictor.model, x.to(device), **protocol)
                 ids_batch = pred.to(torch.uint8).cpu().numpy()
                 for (item, index, frame), ids in zip(batch, ids_batch):
                     plan = plans[item.path]

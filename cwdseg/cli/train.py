@@ -1,14 +1,16 @@
-"""Train a PSPNet-R18 student on Cityscapes with channel-wise distillation (CWD) from a PSPNet-R101 teacher.
+"""Train a segmentation student with knowledge distillation; the defaults are the CWD paper's recipe.
 
-The defaults are the original recipe (TorchDistiller ``SemSeg-distill``): 40000 steps, batch 8,
-512x512 random crops, SGD lr 0.01 / momentum 0.9 / weight decay 5e-4, poly(0.9), teacher in eval mode.
-``exp_cwd.sh`` maps the original eight positional arguments onto the flags below.
+The paper's recipe (TorchDistiller ``SemSeg-distill``): PSPNet-R101 -> PSPNet-R18 on Cityscapes, 40000
+steps, batch 8, 512x512 random crops, SGD lr 0.01 / momentum 0.9 / weight decay 5e-4, poly(0.9), teacher
+in eval mode. ``exp_cwd.sh`` maps the original eight positional arguments onto the flags below; recipe
+files (``configs/``) and ``--set`` reach every field of the run configuration (``cwdseg.config``).
 
-    python train.py --demo                         # synthetic data, a few minutes on a CPU
+    python train.py --demo                         # synthetic data, about a minute on a CPU
+    python train.py --config configs/cityscapes/cd_logits.yaml --set optim.num_steps=20000
     bash exp_cwd.sh channel kl 3 4 False False False v1
     torchrun --nproc_per_node=4 train.py --cwd True ...
 
-Read top to bottom: arguments -> build -> resume -> loop (``train_step``) -> save -> evaluate.
+Read top to bottom: configuration -> build -> resume -> loop (``train_step``) -> save -> evaluate.
 """
 from __future__ import annotations
 
@@ -16,38 +18,41 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-
 from cwdseg import checkpoint as ckpt
-from cwdseg.cli.recipes import RECIPES
+from cwdseg.cli.checks import train_value_errors
+from cwdseg.cli.train_config import RECIPE_NAMES, build_config, config_yaml, default_for
+from cwdseg.config import ConfigError, RunConfig, to_dict
 from cwdseg.data import DatasetError
-from cwdseg.data.registry import DATASETS, dataset_info
-from cwdseg.data.cityscapes import default_num_workers
-from cwdseg.distill.registry import PRESETS, TERM_NAMES, DistillSpecError, resolve_spec, spec_run_name
+from cwdseg.data.registry import DATASETS
 from cwdseg.data.transforms import NORMALIZATIONS
+from cwdseg.distill.registry import PRESETS, TERM_NAMES, DistillSpecError
+from cwdseg.distill.taps import TapError
+from cwdseg.engine import runlock
 from cwdseg.engine.build import RANDOM, build_criteria, build_engine, build_models, build_optimizers, \
-    resolve_model_args
+    model_pair_problems
 from cwdseg.engine.distributed import DeviceError, barrier, cleanup, init_distributed
 from cwdseg.engine.precision import AMP_CHOICES
+from cwdseg.engine.run import RunSetupError, Validation, build_train_loader, build_trackers, check_teacher_first, \
+    finish_run, log_model_pair, next_micro_batches, prepare_run, removed_on_failure, resume_step, student_meta, \
+    write_config
 from cwdseg.engine.runlog import RunLog, StepWindow, peak_tflops
-from cwdseg.engine import runlock
 from cwdseg.engine.signals import STOP_SIGNAL_CHOICES, StopRequest, resume_hint
 from cwdseg.engine.state import save_last
-from cwdseg.engine.run import RunSetupError, Validation, build_train_loader, finish_run, log_model_pair, next_micro_batches, \
-    per_rank_batch, prepare_demo_data, resume_step, seed_everything, write_config
 from cwdseg.engine.step import poly_lr, set_lr, train_step
-from cwdseg.cli.checks import train_value_errors
+from cwdseg.engine.trackers import TrackerError, log_to_arg
 from cwdseg.evaluation.loop import EvaluationError
-from cwdseg.models import ARCH_NAMES, PAPER_PAIR, canonical_arch
+from cwdseg.evaluation.teacher_check import TeacherCheckError
+from cwdseg.models import ARCH_NAMES
 from cwdseg.models.summary import training_step_flops
 
-__all__ = ["get_args_parser", "resolve_args", "main", "cli", "poly_lr"]
+__all__ = ["get_args_parser", "resolve_config", "main", "cli", "poly_lr"]
 
 
 # --------------------------------------------------------------------------------------------------
-# Arguments
+# Arguments: every flag is optional and unset unless typed, so the layers below it (recipe files,
+# --recipe, --demo) decide what it was not given; --help shows the value of the paper's recipe.
 # --------------------------------------------------------------------------------------------------
 def str2bool(value: str | bool) -> bool:
     """The original's True/False strings (and the usual spellings)."""
@@ -74,285 +79,268 @@ def input_size(value: str) -> tuple[int, int]:
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        description="Channel-wise knowledge distillation for semantic segmentation (PSPNet-R101 -> PSPNet-R18).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False,
+        description="Knowledge distillation for semantic segmentation: any registered teacher -> student, "
+                    "15+ distillation terms, recipe files (configs/) and the original CWD flags.",
+        formatter_class=DefaultsFromConfig, allow_abbrev=False, argument_default=argparse.SUPPRESS,
     )
+    g = p.add_argument_group("configuration")
+    g.add_argument("--config", action="append", metavar="FILE.yaml",
+                   help="recipe file (configs/..., or a run's config.json); several are merged in order")
+    g.add_argument("--set", nargs="+", metavar="SECTION.FIELD=VALUE",
+                   help="override any field of the configuration, e.g. optim.lr=0.02 data.crop_size=[64,64]")
+    g.add_argument("--print-config", action="store_true",
+                   help="print the resolved configuration as a recipe file and exit")
     flag = dict(type=str2bool, nargs="?", const=True, metavar="True|False")
 
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default=os.environ.get("DATASET", "cityscapes"), choices=sorted(DATASETS),
-                   help="dataset layout and labels (from $DATASET when set)")
-    g.add_argument("--recipe", default=None, choices=sorted(RECIPES),
+    g.add_argument("--dataset", choices=sorted(DATASETS), help="dataset layout and labels (from $DATASET when set)")
+    g.add_argument("--recipe", choices=RECIPE_NAMES,
                    help="per-dataset defaults (crop, batch, steps, lr, ...; see README); typed flags still win")
-    g.add_argument("--data-dir", default=None,
+    g.add_argument("--data-dir",
                    help="dataset root; default $DATA_DIR, else $CITYSCAPES or data/cityscapes for cityscapes, "
                         "data/<dataset> otherwise")
-    g.add_argument("--data-list", default=None, help="train list file (image<TAB>label); none: scan the train split")
-    g.add_argument("--data-listval", default=None, help="val list file; none: scan the val split")
-    g.add_argument("--input-size", type=input_size, default=(512, 512), help="random crop H,W")
-    g.add_argument("--random-mirror", default=False, **flag, help="random horizontal flip (off in the recipe)")
-    g.add_argument("--random-scale", default=False, **flag, help="random scale 0.7..2.1 (off in the recipe)")
-    g.add_argument("--cache-images", default=False, **flag, help="keep decoded training images in RAM")
-    g.add_argument("--image-cache", default=None, metavar="DIR",
+    g.add_argument("--data-list", help="train list file (image<TAB>label); none: scan the train split")
+    g.add_argument("--data-listval", help="val list file; none: scan the val split")
+    g.add_argument("--input-size", type=input_size, help="random crop H,W")
+    g.add_argument("--random-mirror", **flag, help="random horizontal flip (off in the recipe)")
+    g.add_argument("--random-scale", **flag, help="random scale 0.7..2.1 (off in the recipe)")
+    g.add_argument("--cache-images", **flag, help="keep decoded training images in RAM")
+    g.add_argument("--image-cache", metavar="DIR",
                    help="decoded training images memory-mapped from DIR, built there on first use "
                         "(or by `python -m cwdseg.data cache`); shared by all processes of a machine")
-    g.add_argument("--num-workers", type=int, default=default_num_workers(),
+    g.add_argument("--num-workers", type=int,
                    help="data loader processes; the default fits this machine's cores")
-    g.add_argument("--num_classes", "--num-classes", dest="num_classes", type=int, default=None,
+    g.add_argument("--num_classes", "--num-classes", dest="num_classes", type=int,
                    help="classes of the networks; default: the dataset's (must agree when given)")
-    g.add_argument("--ignore-label", type=int, default=255)
+    g.add_argument("--ignore-label", type=int)
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=int, default=8, help="images per optimiser step, summed over processes")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (same effective batch)")
-    g.add_argument("--num-steps", type=int, default=40000)
-    g.add_argument("--lr-g", type=float, default=0.01, help="SGD learning rate of the student (and connector)")
-    g.add_argument("--lr-d", type=float, default=4e-4, help="Adam learning rate of the discriminator")
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight-decay", type=float, default=5e-4)
-    g.add_argument("--power", type=float, default=0.9, help="poly learning-rate decay power")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--batch-size", type=int, help="images per optimiser step, summed over processes")
+    g.add_argument("--grad-accum", type=int, help="micro-batches per step (same effective batch)")
+    g.add_argument("--num-steps", type=int)
+    g.add_argument("--optimizer", choices=("sgd", "adamw"), help="sgd (the recipe) or adamw (SegFormer's)")
+    g.add_argument("--lr-g", type=float, help="SGD learning rate of the student (and connector)")
+    g.add_argument("--lr-d", type=float, help="Adam learning rate of the discriminator")
+    g.add_argument("--momentum", type=float)
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--power", type=float, help="poly learning-rate decay power")
+    g.add_argument("--seed", type=int)
 
     g = p.add_argument_group("distillation")
-    g.add_argument("--cwd", default=False, **flag, help="channel-wise distillation")
-    g.add_argument("--cwd-feat", default=False, **flag,
+    g.add_argument("--cwd", **flag, help="channel-wise distillation")
+    g.add_argument("--cwd-feat", **flag,
                    help="CWD on the head feature (PSP / DeepLabV3 head) through a 1x1 connector instead of on the logits")
-    g.add_argument("--norm-type", default="channel", choices=["channel", "spatial", "channel_mean", "none"])
-    g.add_argument("--divergence", default="kl", choices=["kl", "mse"])
-    g.add_argument("--temperature", type=float, default=4.0, help="CWD temperature (forced to 1 with mse)")
-    g.add_argument("--lambda-cwd", type=float, default=3.0)
-    g.add_argument("--cwd-ignore-mask", default=False, **flag,
+    g.add_argument("--norm-type", choices=["channel", "spatial", "channel_mean", "none"])
+    g.add_argument("--divergence", choices=["kl", "mse"])
+    g.add_argument("--temperature", type=float, help="CWD temperature (forced to 1 with mse)")
+    g.add_argument("--lambda-cwd", type=float)
+    g.add_argument("--cwd-ignore-mask", **flag,
                    help="extension: leave pixels labelled --ignore-label out of CWD (off in the original)")
-    g.add_argument("--kd", default=False, **flag, help="pixel-wise KD on the logits")
-    g.add_argument("--lambda-kd", type=float, default=10.0)
-    g.add_argument("--adv", default=False, **flag, help="holistic adversarial distillation (WGAN-GP)")
-    g.add_argument("--lambda-adv", type=float, default=0.001, help="generator adversarial weight")
-    g.add_argument("--lambda-d", type=float, default=0.1, help="discriminator loss weight")
-    g.add_argument("--lambda-gp", type=float, default=10.0, help="gradient-penalty weight (times lambda-d)")
-    g.add_argument("--distill", nargs="+", default=None, metavar="NAME=WEIGHT[,OPTION=VALUE]",
+    g.add_argument("--kd", **flag, help="pixel-wise KD on the logits")
+    g.add_argument("--lambda-kd", type=float)
+    g.add_argument("--adv", **flag, help="holistic adversarial distillation (WGAN-GP)")
+    g.add_argument("--lambda-adv", type=float, help="generator adversarial weight")
+    g.add_argument("--lambda-d", type=float, help="discriminator loss weight")
+    g.add_argument("--lambda-gp", type=float, help="gradient-penalty weight (times lambda-d)")
+    g.add_argument("--distill", nargs="+", metavar="NAME=WEIGHT[,OPTION=VALUE]",
                    help="distillation terms with their weights, e.g. cwd=3 kd=10 at_feat=10000; terms: "
                         + ", ".join(TERM_NAMES) + " (README: Comparing methods)")
-    g.add_argument("--preset", default=None, choices=list(PRESETS),
+    g.add_argument("--preset", choices=list(PRESETS),
                    help="a recipe of the paper's Table 2 (or a later method); --distill adds or re-weights terms")
 
     g = p.add_argument_group("models")
-    g.add_argument("--T_ckpt_path", "--teacher-ckpt", dest="T_ckpt_path", default="ckpt/teacher_city.pth",
+    g.add_argument("--T_ckpt_path", "--teacher-ckpt", dest="T_ckpt_path",
                    help=f"teacher weights; '{RANDOM}' for a random teacher (smoke tests only)")
-    g.add_argument("--teacher-arch", default="resnet101", choices=ARCH_NAMES,
+    g.add_argument("--teacher-arch", choices=ARCH_NAMES,
                    help="teacher network (resnet101 = pspnet_resnet101, the paper's)")
-    g.add_argument("--student-arch", default="resnet18", choices=ARCH_NAMES,
+    g.add_argument("--student-arch", choices=ARCH_NAMES,
                    help="student network (resnet18 = pspnet_resnet18, the paper's)")
-    g.add_argument("--teacher-normalization", default=None, choices=sorted(NORMALIZATIONS),
+    g.add_argument("--teacher-normalization", choices=sorted(NORMALIZATIONS),
                    help="input normalisation the teacher's weights expect; none: the architecture's")
-    g.add_argument("--student-normalization", default=None, choices=sorted(NORMALIZATIONS),
+    g.add_argument("--student-normalization", choices=sorted(NORMALIZATIONS),
                    help="input normalisation of the student (and of the data); none: the architecture's")
     g.add_argument("--allow-normalization-mismatch", action="store_true",
                    help="accept a teacher whose normalisation differs from the student's (it sees the student's input)")
-    g.add_argument("--is-student-load-imgnet", default=True, **flag, help="initialise the student from ImageNet")
+    g.add_argument("--is-student-load-imgnet", **flag, help="initialise the student from ImageNet")
     g.add_argument("--student-pretrain-model-imgnet", "--student-init", dest="student_pretrain_model_imgnet",
-                   default=None,
                    help="deep-stem ImageNet weights of the student's backbone; none: ckpt/<backbone>-imagenet.pth "
                         f"(resnet18, resnet101, mobilenetv2); '{RANDOM}' for random init")
 
     g = p.add_argument_group("outputs and run control")
-    g.add_argument("--save-dir", default="ckpt", help="runs are written to SAVE_DIR/SAVE_NAME/")
-    g.add_argument("--save-name", default=None, help="run name; none: built like exp_cwd.sh's")
-    g.add_argument("--exp-name", default=None,
+    g.add_argument("--save-dir", help="runs are written to SAVE_DIR/SAVE_NAME/")
+    g.add_argument("--save-name", help="run name; none: built like exp_cwd.sh's")
+    g.add_argument("--exp-name",
                    help="run name built by exp_cwd.sh; the architectures are appended when they are not the paper's pair")
-    g.add_argument("--save-every", "--save-ckpt-every", dest="save_every", type=int, default=0,
+    g.add_argument("--save-every", "--save-ckpt-every", dest="save_every", type=int,
                    help="also write city_<step>_G.pth every N steps (0: only at the end, as the original)")
-    g.add_argument("--save-last-every", type=int, default=500,
+    g.add_argument("--save-last-every", type=int,
                    help="write the resumable last.pth every N steps (and at the end, and on a stop signal)")
-    g.add_argument("--stop-signal", default="USR1", choices=STOP_SIGNAL_CHOICES,
+    g.add_argument("--stop-signal", choices=STOP_SIGNAL_CHOICES,
                    help="a scheduler's early-warning signal (e.g. Slurm --signal=USR1@120): like SIGTERM and "
                         "Ctrl-C, it saves last.pth after the current step and exits")
     g.add_argument("--force", action="store_true", help="finish a run that is already complete again")
-    g.add_argument("--eval-every", type=int, default=0, help="evaluate on val every N steps (0: only at the end)")
-    g.add_argument("--save-best", default=False, **flag,
+    g.add_argument("--eval-every", type=int, help="evaluate on val every N steps (0: only at the end)")
+    g.add_argument("--save-best", **flag,
                    help="keep the best-val student as best_val_G.pth (labelled as selected on val)")
-    g.add_argument("--eval", default=True, **flag, help="evaluate the final student on val")
-    g.add_argument("--resume", default=None, help="resume from this last.pth; none: SAVE_DIR/SAVE_NAME/last.pth when it exists")
-    g.add_argument("--log-every", type=int, default=20, help="steps between metric lines")
+    g.add_argument("--eval", **flag, help="evaluate the final student on val")
+    g.add_argument("--resume", help="resume from this last.pth; none: SAVE_DIR/SAVE_NAME/last.pth when it exists")
+    g.add_argument("--log-every", type=int, help="steps between metric lines")
+    g.add_argument("--log-to", type=log_to_arg, metavar="TRACKERS",
+                   help="also log to tensorboard,mlflow,wandb (any subset; metrics.jsonl is always written)")
+    g.add_argument("--teacher-check-images", type=int,
+                   help="evaluate the teacher on the first N val images before the first step (0: off)")
+    g.add_argument("--teacher-min-miou", type=float,
+                   help="stop when the teacher's mIoU (percent) on those images is lower; default: see README")
     g.add_argument("--demo", action="store_true",
-                   help="small run on the built-in synthetic dataset (generated if missing); minutes on a CPU")
+                   help="small run on the built-in synthetic dataset (configs/demo.yaml; generated if missing)")
 
     g = p.add_argument_group("engine")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    g.add_argument("--gpu", default=None, help="the original's GPU index: the same as --device cuda:N")
-    g.add_argument("--amp", default="auto", choices=AMP_CHOICES,
+    g.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--gpu", help="the original's GPU index: the same as --device cuda:N")
+    g.add_argument("--amp", choices=AMP_CHOICES,
                    help="autocast precision; auto = bf16 on a GPU that has it, none on CPU")
-    g.add_argument("--channels-last", default=None, **flag, help="NHWC memory format (default: on GPU)")
-    g.add_argument("--compile", default=False, **flag, help="torch.compile the student and teacher")
-    g.add_argument("--deterministic", default=None, **flag,
+    g.add_argument("--channels-last", **flag, help="NHWC memory format (default: on GPU)")
+    g.add_argument("--compile", **flag, help="torch.compile the student and teacher")
+    g.add_argument("--deterministic", **flag,
                    help="deterministic algorithms (default: on CPU, where resumes are then bitwise exact)")
     return p
 
 
-# What --demo changes, unless the flag was given on the command line.
-DEMO_SETTINGS: dict[str, Any] = dict(
-    data_dir="data/synthetic", input_size=(96, 96), batch_size=4, num_steps=120, cwd=True,
-    T_ckpt_path=RANDOM, is_student_load_imgnet=False, num_workers=2, save_last_every=40, log_every=10,
-)
 
 
-def default_data_dir(dataset: str) -> str:
-    """``$DATA_DIR``, else ``$CITYSCAPES`` or ``data/cityscapes`` for cityscapes, else ``data/<dataset>``."""
-    if os.environ.get("DATA_DIR"):
-        return os.environ["DATA_DIR"]
-    if dataset == "cityscapes":
-        return os.environ.get("CITYSCAPES", "data/cityscapes")
-    return f"data/{dataset}"
+class DefaultsFromConfig(argparse.HelpFormatter):
+    """--help shows, for each flag, the value it has when no layer sets it (the paper's recipe)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        value = default_for(action.dest)
+        if value is not None and action.option_strings and "%(default)" not in text:
+            shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
+            text += f" (default: {shown})"
+        return text
 
 
-def resolve_num_classes(args: argparse.Namespace) -> None:
-    """``--num-classes`` from the dataset (``folder``: its classes.json); a contradicting value is an error."""
-    info = dataset_info(args.dataset, args.data_dir)
-    if args.num_classes is None:
-        args.num_classes = info.num_classes
-    elif args.num_classes != info.num_classes:
-        raise DatasetError(f"--num-classes {args.num_classes} contradicts --dataset {args.dataset}, which has "
-                           f"{info.num_classes} classes ({', '.join(info.class_names[:5])}, ...); drop --num-classes")
+# --------------------------------------------------------------------------------------------------
+# The configuration, resolved once
+# --------------------------------------------------------------------------------------------------
+def typed_flags(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> dict[str, Any]:
+    """The flags given on the command line (and $DATASET), by argparse dest."""
+    parser = parser or get_args_parser()
+    typed = vars(parser.parse_args(sys.argv[1:] if argv is None else list(argv)))
+    if "dataset" not in typed and os.environ.get("DATASET"):
+        typed["dataset"] = os.environ["DATASET"]
+    return typed
 
 
-def format_number(x: float) -> str:
-    return f"{x:g}"
-
-
-def default_run_name(args: argparse.Namespace) -> str:
-    """Same shape as exp_cwd.sh's ``${KD}_${ADV}_${FEAT}_${NORM}_${DIVERGENCE}_${WEIGHT}_${TEMPERATURE}_${VERSION}``."""
-    if args.demo:
-        name = "demo" if args.distill_terms else "demo_baseline"
-        return name if args.dataset == "cityscapes" else f"{name}_{args.dataset}"  # one run folder per layout
-    if args.preset or args.distill:
-        return spec_run_name(args.distill_terms, args.preset)
-    if not (args.cwd or args.kd or args.adv):
-        return "baseline"
-    version = "train"
-    return "_".join([str(args.kd), str(args.adv), str(args.cwd_feat), args.norm_type, args.divergence,
-                     format_number(args.lambda_cwd), format_number(args.temperature), version])
-
-
-def arch_tag(args: argparse.Namespace) -> str:
-    """``""`` for the paper's PSPNet-R101 -> PSPNet-R18 (or a PSPNet-R18 baseline), else
-    ``_T-<teacher>_S-<student>`` (``_S-<student>`` without a teacher), for run names."""
-    student = canonical_arch(args.student_arch)
-    if not (args.cwd or args.kd or args.adv):
-        return "" if student == PAPER_PAIR[1] else f"_S-{student}"
-    teacher = canonical_arch(args.teacher_arch)
-    return "" if (teacher, student) == PAPER_PAIR else f"_T-{teacher}_S-{student}"
-
-
-def resolve_args(argv: list[str] | None = None) -> argparse.Namespace:
+def resolve_config(argv: list[str] | None = None) -> RunConfig:
+    """The run's configuration from the command line; every bad value is one line (exit status 2)."""
     parser = get_args_parser()
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(argv)
-    if args.recipe:
-        # The recipe's values become the defaults, so a flag typed on the command line still wins.
-        parser.set_defaults(**RECIPES[args.recipe])
-        args = parser.parse_args(argv)
-    if args.demo:
-        # The demo's values become the defaults, so a flag typed on the command line still wins.
-        parser.set_defaults(**DEMO_SETTINGS, **({"cwd": False} if args.distill or args.preset else {}))
-        args = parser.parse_args(argv)
-    if args.data_dir is None:
-        args.data_dir = default_data_dir(args.dataset)
-    elif args.demo and args.data_dir == DEMO_SETTINGS["data_dir"] and args.dataset != "cityscapes":
-        args.data_dir = f"{DEMO_SETTINGS['data_dir']}_{args.dataset}"  # one synthetic root per layout
+    typed = typed_flags(argv, parser)
     try:
-        args.distill_terms = resolve_spec(args)  # {name: {"weight": w, options}}: --preset, --distill, --cwd/--kd/--adv
-    except DistillSpecError as exc:
+        cfg = build_config(typed)
+    except (ConfigError, DistillSpecError, DatasetError, DeviceError) as exc:
         parser.error(str(exc))
-    if args.num_classes is None and args.dataset != "folder":
-        # Known without reading any file; a folder dataset's count comes from its classes.json in main.
-        args.num_classes = dataset_info(args.dataset).num_classes
-    if args.save_name is None:
-        args.save_name = (args.exp_name or default_run_name(args)) + arch_tag(args)
-    errors = resolve_model_args(args)
-    if args.cwd_feat and not args.cwd:
-        errors.append("--cwd-feat True needs --cwd True (it selects where CWD is applied)")
-    if args.divergence == "mse" and args.temperature != 1.0:
-        print(f"note: --divergence mse uses temperature 1 (as the original); --temperature {args.temperature} ignored")
-        args.temperature = 1.0
-    for name in ("batch_size", "num_steps", "grad_accum", "save_last_every", "log_every"):
-        if getattr(args, name) <= 0:
-            errors.append(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ("save_every", "eval_every", "num_workers"):
-        if getattr(args, name) < 0:
-            errors.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    errors += train_value_errors(args)
+    errors = config_errors(cfg, typed)
     if errors:
         parser.error("; ".join(errors))
-    return args
+    return cfg
+
+
+def resolve_config_data(data: RunConfig | dict | str | os.PathLike) -> RunConfig:
+    """A configuration given in Python (a RunConfig, its dict, or a recipe file), resolved as train.py
+    resolves ``--config``: missing fields filled, every value checked (ConfigError, one line)."""
+    typed = {"config": [str(data)]} if isinstance(data, (str, os.PathLike)) else \
+        {"config_data": [to_dict(data) if isinstance(data, RunConfig) else dict(data)]}
+    try:
+        cfg = build_config(typed)
+    except (DistillSpecError, DatasetError, DeviceError) as exc:
+        raise ConfigError(str(exc)) from None
+    errors = config_errors(cfg, typed)
+    if errors:
+        raise ConfigError("; ".join(errors))
+    return cfg
+
+
+def config_errors(cfg: RunConfig, typed: dict[str, Any]) -> list[str]:
+    """Every problem of a resolved configuration (and of the original flags as typed), one line each."""
+    errors = model_pair_problems(cfg)
+    if typed.get("cwd_feat") and not typed.get("cwd"):
+        errors.append("--cwd-feat True needs --cwd True (it selects where CWD is applied)")
+    if typed.get("divergence") == "mse" and typed.get("temperature", 1.0) != 1.0:
+        print(f"note: --divergence mse uses temperature 1 (as the original); --temperature {typed['temperature']} ignored")
+    return errors + train_value_errors(cfg, typed)
 
 
 # --------------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> int:
-    args = resolve_args(argv)
-    info = init_distributed(args.device, args.gpu)
-    engine = build_engine(args, info)
-    run_dir = Path(args.save_dir) / args.save_name
-    if args.demo:
-        prepare_demo_data(args, info)
-    resolve_num_classes(args)
-    seed_everything(args.seed, args.deterministic, info.device)
-    per_rank = per_rank_batch(args, info)
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    barrier()
-    runlock.acquire_for_run(run_dir, info)  # one run per folder; released at exit
+def main(argv: list[str] | None = None, cfg: RunConfig | None = None, resume: str | None = None,
+         force: bool = False) -> int:
+    """Train the run ``cfg`` (a resolved configuration; default: resolved from ``argv``). ``--resume`` and
+    ``--force`` (or ``resume``/``force``) act on this call only, they are not part of the run."""
+    typed = typed_flags(argv) if cfg is None else {"resume": resume, "force": force}
+    if typed.get("print_config"):
+        print(config_yaml(resolve_config(argv)), end="")
+        return 0
+    cfg = cfg or resolve_config(argv)
+    info = init_distributed(cfg.engine.device)
+    engine = build_engine(cfg, info)
+    cfg, per_rank, train_set, created = prepare_run(cfg, info)  # data, files and batch checked; folder + lock
+    run_dir, o = cfg.run_dir, cfg.optim
     log = RunLog(None, 0, 0, enabled=info.is_main)  # plain messages until the loop starts
-    if not args.force and (done := runlock.completed_message(run_dir, args)):
+    if not typed.get("force") and (done := runlock.completed_message(run_dir, cfg)):
         log(done)
         return 0
-    if info.distributed or args.grad_accum > 1:
-        log(f"batch {args.batch_size} per step = {info.world_size} process(es) x {args.grad_accum} micro-batch(es) "
-            f"x {per_rank} images (the recipe's effective batch is kept)")
 
-    # build -> resume
-    models = build_models(args, info, log)
-    criteria, weights = build_criteria(args)
-    log_model_pair(args, log)
-    opt_g, opt_d = build_optimizers(args, models)
-    start_step = resume_step(args, run_dir, models, opt_g, opt_d, engine, log)
-    if info.is_main:
-        write_config(args, info, run_dir, per_rank, start_step)
-    loader = build_train_loader(args, info, per_rank, start_step)
-    stop = StopRequest().install(args.stop_signal)
-    flops = training_step_flops(args.student_arch, args.teacher_arch if models.teacher is not None else None,
-                                args.input_size, args.batch_size)
-    validation = Validation(args, run_dir)
+    # build -> resume (a fresh folder that a failed start created is removed again)
+    with removed_on_failure(run_dir, created, info):
+        models = build_models(cfg, info, log)
+        criteria, weights = build_criteria(cfg, models, info.device)
+        log_model_pair(cfg, log)
+        opt_g, opt_d = build_optimizers(cfg, models, criteria)
+        start_step = resume_step(cfg, typed.get("resume"), run_dir, models, criteria, opt_g, opt_d, engine, log)
+        if info.is_main:
+            write_config(cfg, info, run_dir, per_rank, start_step)
+            if start_step == 0:
+                check_teacher_first(cfg, models, engine, run_dir, log)
+        barrier()
+    trackers = build_trackers(cfg, run_dir, start_step, info)
+    loader = build_train_loader(cfg, train_set, info, per_rank, start_step)
+    stop = StopRequest().install(cfg.output.stop_signal)
+    flops = training_step_flops(cfg.models.student_arch, cfg.models.teacher_arch if models.teacher else None,
+                                cfg.data.crop_size, o.batch_size)
+    validation = Validation(cfg, run_dir, trackers)
     last_path = run_dir / "last.pth"
 
     # loop
     log.close()
-    log = RunLog(run_dir, args.num_steps, start_step, enabled=info.is_main)
-    window = StepWindow(args.batch_size, flops, peak_tflops(info.device))
-    data_iter = iter(loader) if start_step < args.num_steps else None
-    step = start_step
+    log = RunLog(run_dir, o.num_steps, start_step, enabled=info.is_main, trackers=trackers)
+    window = StepWindow(o.batch_size, flops, peak_tflops(info.device))
+    data_iter = iter(loader) if start_step < o.num_steps else None
+    step, log_every = start_step, cfg.output.log_every
     try:
-        while step < args.num_steps:
-            lr_g = set_lr(opt_g, opt_d, args, step)
+        while step < o.num_steps:
+            lr_g = set_lr(opt_g, opt_d, o, step)
             t0 = time.perf_counter()
-            micro = next_micro_batches(data_iter, args, engine)
+            micro = next_micro_batches(data_iter, o.grad_accum, engine, train_set.normalization)
             window.data_seconds += time.perf_counter() - t0
             terms = train_step(micro, models, criteria, weights, opt_g, opt_d, engine)
             step += 1
             window.add(terms)
-            if step % args.log_every == 0 or step == args.num_steps or step == start_step + 1:
-                log.metrics(window.record(step, args.num_steps, lr_g, info.device) | weights.record(), window.steps)
+            if step % log_every == 0 or step == o.num_steps or step == start_step + 1:
+                log.metrics(window.record(step, o.num_steps, lr_g, info.device) | weights.record(), window.steps)
                 window.reset()
-            if info.is_main and args.save_every and step % args.save_every == 0 and step < args.num_steps:
-                ckpt.save_student(models.student_module, run_dir / f"city_{step - 1}_G.pth")
-            stopping = stop.agreed(step, args.log_every, info)
-            if info.is_main and (step % args.save_last_every == 0 or step == args.num_steps or stopping):
-                save_last(last_path, step, models, opt_g, opt_d, engine, args, step * per_rank * args.grad_accum)
+            if info.is_main and cfg.output.save_every and step % cfg.output.save_every == 0 and step < o.num_steps:
+                ckpt.save_student(models.student_module, run_dir / ckpt.student_filename(cfg.data.dataset, step - 1),
+                                  student_meta(cfg))
+            stopping = stop.agreed(step, log_every, info)
+            if info.is_main and (step % cfg.output.save_last_every == 0 or step == o.num_steps or stopping):
+                save_last(last_path, step, models, criteria, opt_g, opt_d, engine, cfg, step * per_rank * o.grad_accum)
             if stopping:
-                log(f"{stop.signal_name}: saved {last_path} at step {step}/{args.num_steps}; {resume_hint()}")
+                log(f"{stop.signal_name}: saved {last_path} at step {step}/{o.num_steps}; {resume_hint()}")
                 barrier()
                 return 0
-            if args.eval_every and step % args.eval_every == 0 and step < args.num_steps:
+            if cfg.eval.every and step % cfg.eval.every == 0 and step < o.num_steps:
                 if info.is_main:
                     validation.intermediate(models, engine, step, log)
                 barrier()
@@ -361,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         log.close()
 
     # save -> evaluate
-    finish_run(args, info, run_dir, models, engine, validation)
+    finish_run(cfg, info, run_dir, models, engine, validation)
     barrier()
     return 0
 
@@ -372,7 +360,7 @@ def cli(argv: list[str] | None = None) -> int:
     try:
         return main(argv)
     except (ckpt.CheckpointError, DatasetError, DeviceError, EvaluationError, runlock.RunLockError,
-            RunSetupError) as exc:
+            RunSetupError, ConfigError, TeacherCheckError, TrackerError, TapError) as exc:
         print(f"train.py: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

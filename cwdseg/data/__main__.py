@@ -74,9 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--data-list goes with exactly one --split")
     if args.dataset != "cityscapes":
         return _check_other(args)
-    args.split = args.split or ["train", "val", "test"]
+    splits = args.split or ["train", "val", "test"]
     try:
-        for split in args.split:
+        for split in splits:
             ds = CityscapesDataset(args.data_dir, split, list_path=args.data_list, crop_size=None,
                                    label_type=args.label_type)
             _decode_first(ds, args.check)

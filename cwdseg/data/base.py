@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 
 from cwdseg.data.cityscapes import DatasetError, Sample, _decode, _read_bytes, check_pair_sizes, read_image, \
     read_list_file
+from cwdseg.data.cache import open_image_cache
 from cwdseg.data.info import IGNORE_INDEX, DatasetInfo
 from cwdseg.data.sampling import sample_key
 from cwdseg.data.transforms import CAFFE_BGR, Normalization, preprocess
@@ -113,7 +114,8 @@ def count_note(info: DatasetInfo, root: Path, split: str, found: int) -> str:
 class SegmentationDataset(Dataset):
     """Images with class-index labels for any layout; ``dataset[i]`` / ``dataset[(i, seed)]`` returns
     ``(image, label, name)`` exactly as :class:`cwdseg.data.CityscapesDataset` does (same preprocessing,
-    same random draws per seed): image float32 [3, H, W] in ``normalization``, label uint8 [H, W] of
+    same random draws per seed): image float32 [3, H, W] in ``normalization`` (uint8 [4, H, W] with
+    ``uint8_images``, see :meth:`cwdseg.data.transforms.Normalization.to_float_tensor`), label uint8 [H, W] of
     class indices with ``ignore_label``, and the sample name.
     """
 
@@ -133,6 +135,7 @@ class SegmentationDataset(Dataset):
         normalization: Normalization = CAFFE_BGR,
         eval_short_side: int | None = None,
         image_cache: str | os.PathLike | None = None,
+        uint8_images: bool = False,
     ) -> None:
         if crop_size is not None:
             if len(crop_size) != 2 or any(int(c) != c or c < 1 for c in crop_size):
@@ -155,13 +158,12 @@ class SegmentationDataset(Dataset):
         self.random_mirror = random_mirror
         self.ignore_label = ignore_label
         self.normalization = normalization
+        self.uint8_images = uint8_images  # (4, H, W) uint8 out, normalised on the device (Normalization.to_float_tensor)
         self._mean_lut = normalization.lut()
         self._lut = info.label_lut(ignore_label)
         self._source = source
         self._image_cache = None  # decoded pairs memory-mapped from disk (cwdseg.data.cache), as for Cityscapes
         if image_cache is not None:
-            from cwdseg.data.cache import open_image_cache
-
             self._image_cache = open_image_cache(
                 image_cache, [(s.image, s.label) for s in samples], lambda image, label: load_pair(
                     Sample(image, label, ""), info, source), log=print if verbose else (lambda _m: None))
@@ -171,6 +173,7 @@ class SegmentationDataset(Dataset):
             print(f"{info.name} {split}: {len(samples)} images ({source}; labels: {info.label_description})")
 
     cached = False  # no RAM cache for these layouts (build_loader asks)
+    region_resize = True  # False: the random scale resizes the whole image (the previous path; benchmarks set it)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -191,7 +194,8 @@ class SegmentationDataset(Dataset):
         if self.eval_short_side is not None:
             return (*self._resized_for_eval(image, label, lut), self.samples[index].name)
         image, label = preprocess(image, label, rng, self.crop_size, self.random_scale, self.random_mirror,
-                                  lut, self.ignore_label, self._mean_lut, self.normalization.rgb)
+                                  lut, self.ignore_label, self._mean_lut, self.normalization.rgb,
+                                  region_resize=self.region_resize, uint8_output=self.uint8_images)
         return torch.from_numpy(image), torch.from_numpy(label), self.samples[index].name
 
     def _resized_for_eval(self, image: np.ndarray, label: np.ndarray | None, lut: np.ndarray | None):
@@ -202,7 +206,7 @@ class SegmentationDataset(Dataset):
         size = (int(width * factor + 0.5), int(height * factor + 0.5))  # mmcv's rounding, (w, h)
         resized = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
         out, _ = preprocess(resized, None, None, None, False, False, None, self.ignore_label, self._mean_lut,
-                            self.normalization.rgb)
+                            self.normalization.rgb, uint8_output=self.uint8_images)
         if label is None:
             full = np.full((height, width), self.ignore_label, np.uint8)
         else:

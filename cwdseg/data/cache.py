@@ -44,7 +44,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from cwdseg.data.cityscapes import DatasetError
+from cwdseg.data.errors import DatasetError
 
 __all__ = ["CACHE_FORMAT", "ImageCacheError", "ImageCache", "open_image_cache", "source_checksum", "cache_key"]
 

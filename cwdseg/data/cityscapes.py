@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from cwdseg.data.cache import open_image_cache
+from cwdseg.data.errors import DatasetError
 from cwdseg.data.labels import IGNORE_LABEL, LABEL_ID_TO_TRAIN_ID, MAX_LABEL_ID, NUM_CLASSES
 from cwdseg.data.sampling import sample_key
 from cwdseg.data.transforms import CAFFE_BGR, IMG_MEAN_BGR, Normalization, preprocess
@@ -44,22 +46,6 @@ TRAIN_IDS_SUFFIX = "_labelTrainIds.png"
 _SHOW_MISSING = 5  # how many missing files an error message names
 # Image counts of the official release; a scan that finds other numbers says so (a partial unpack?).
 CITYSCAPES_COUNTS = {"train": 2975, "val": 500, "test": 1525}
-
-
-class DatasetError(RuntimeError):
-    """Bad or missing dataset input; the message names the file and what to do.
-
-    Raised in a DataLoader worker, it reaches the main process re-built from torch's text
-    ("Caught DatasetError in DataLoader worker process 0. Original Traceback ... DatasetError: <message>");
-    only ``<message>`` is kept, so the user sees the one clear line and not the worker's traceback.
-    """
-
-    _WORKER_PREFIX = "Caught DatasetError in DataLoader worker"
-
-    def __init__(self, message: str = "") -> None:
-        if isinstance(message, str) and message.startswith(self._WORKER_PREFIX) and "DatasetError: " in message:
-            message = message.rsplit("DatasetError: ", 1)[1].strip() + " (raised in a data loader worker)"
-        super().__init__(message)
 
 
 @dataclass
@@ -391,6 +377,9 @@ class CityscapesDataset(Dataset):
     """Cityscapes images with trainId labels, preprocessed exactly as the original CWD code.
 
     ``dataset[i]`` or ``dataset[(i, seed)]`` returns ``(image, label, name)``: image float32 [3, H, W]
+    (or, with ``uint8_images=True``, uint8 [4, H, W]: the picture in the network's channel order and a
+    content mask, 255 image / 0 padding, which ``normalization.to_float_tensor`` turns on the device into
+    exactly the float32 image)
     (by default BGR minus ``IMG_MEAN_BGR``, as the original; see ``normalization``; padding 0.0), label uint8 [H, W] of trainIds with ``ignore_label``
     (all ``ignore_label`` for an unlabelled test image), and the sample name. With a seed, every random
     choice (scale, crop offset, mirror) draws from ``np.random.default_rng(seed)``, so a key gives the same
@@ -414,6 +403,7 @@ class CityscapesDataset(Dataset):
         cache_threads: int | None = None,
         normalization: Normalization = CAFFE_BGR,
         image_cache: str | os.PathLike | None = None,
+        uint8_images: bool = False,
     ) -> None:
         if crop_size is not None:
             if len(crop_size) != 2 or any(int(c) != c or c < 1 for c in crop_size):
@@ -443,6 +433,7 @@ class CityscapesDataset(Dataset):
                 self.samples = _to_train_id_files(self.samples, str(list_path))
             source = f"list {list_path}"
         self.normalization = normalization  # the weights' input convention (default: the original's)
+        self.uint8_images = uint8_images  # (4, H, W) uint8 out, normalised on the device (Normalization.to_float_tensor)
         self._mean_lut = normalization.lut()
         self._luts = {train_ids: _label_lut(train_ids, ignore_label) for train_ids in (False, True)}
         self._cache: _DecodedCache | None = None
@@ -454,8 +445,6 @@ class CityscapesDataset(Dataset):
             source += f"; {self._cache.nbytes / 2**30:.2f} GiB decoded in RAM"
         self._image_cache = None  # decoded pairs memory-mapped from disk (cwdseg.data.cache)
         if image_cache is not None:
-            from cwdseg.data.cache import open_image_cache  # lazy: the cache module imports this one
-
             self._image_cache = open_image_cache(image_cache, [(s.image, s.label) for s in self.samples],
                                                  _load_pair, threads=cache_threads, log=print if verbose else _quiet)
             source += f"; {self._image_cache.nbytes / 2**30:.2f} GiB decoded, memory-mapped from {image_cache}"
@@ -473,6 +462,8 @@ class CityscapesDataset(Dataset):
         if n_train == 0:
             return "*_labelIds.png -> trainIds by the official table"
         return f"{n_train} *_labelTrainIds.png used directly, {len(labels) - n_train} labelIds mapped"
+
+    region_resize = True  # False: the random scale resizes the whole image (the previous path; benchmarks set it)
 
     @property
     def cached(self) -> bool:
@@ -505,7 +496,8 @@ class CityscapesDataset(Dataset):
         index, rng = sample_key(key, len(self), needs_rng)
         image, label, lut = self.load_raw(index)
         image, label = preprocess(image, label, rng, self.crop_size, self.random_scale, self.random_mirror,
-                                  lut, self.ignore_label, self._mean_lut, self.normalization.rgb)
+                                  lut, self.ignore_label, self._mean_lut, self.normalization.rgb,
+                                  region_resize=self.region_resize, uint8_output=self.uint8_images)
         return torch.from_numpy(image), torch.from_numpy(label), self.samples[index].name
 
 

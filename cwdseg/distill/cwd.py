@@ -105,6 +105,8 @@ class CriterionCWD(nn.Module):
         divergence: str = "kl",
         temperature: float = 4.0,
         resize: bool = False,
+        ignore_labels: bool = False,
+        ignore_label: int = 255,
     ) -> None:
         super().__init__()
         if norm_type not in NORM_TYPES:
@@ -115,10 +117,11 @@ class CriterionCWD(nn.Module):
             raise ValueError(f"CriterionCWD: temperature must be > 0, got {temperature!r}")
         self.norm_type = norm_type
         self.divergence = divergence
-        self.requested_temperature = float(temperature)
         # The original sets tau = 1 unless the divergence is KL.
         self.temperature = float(temperature) if divergence == "kl" else 1.0
         self.resize = resize
+        # Extension: with ignore_labels, pixels labelled ignore_label leave CWD (off in the original).
+        self.ignore_labels, self.ignore_label = ignore_labels, ignore_label
 
     def extra_repr(self) -> str:
         return (f"norm_type={self.norm_type!r}, divergence={self.divergence!r}, "
@@ -161,7 +164,12 @@ class CriterionCWD(nn.Module):
         return s
 
     # -- the loss -------------------------------------------------------------------------------
-    def forward(self, preds_S: Tensor, preds_T: Tensor, ignore_mask: Tensor | None = None) -> Tensor:
+    def forward(self, preds_S: Tensor, preds_T: Tensor, labels: Tensor | None = None,
+                ignore_mask: Tensor | None = None) -> Tensor:
+        """``labels`` (the terms' common signature) give the ignore mask when built with ``ignore_labels``;
+        ``ignore_mask`` passes one directly."""
+        if ignore_mask is None and self.ignore_labels and labels is not None:
+            ignore_mask = self.mask_from_labels(labels, preds_T.shape[-2:], self.ignore_label)
         if isinstance(preds_S, (tuple, list)) or isinstance(preds_T, (tuple, list)):
             raise TypeError("CriterionCWD takes maps [N,C,H,W], not model output tuples: pass preds[0] (logits) "
                             "or connector(preds_S[2]), preds_T[2] (features)")

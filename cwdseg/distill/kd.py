@@ -6,7 +6,7 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cwdseg.distill._common import _check_4d, _first_map, _fp32_region
+from cwdseg.distill._common import _match_size, _check_4d, _first_map, _fp32_region
 
 
 # --------------------------------------------------------------------------------------------------
@@ -26,18 +26,23 @@ class CriterionKD(nn.Module):
     output tuples (their element 0 is used, as the original's ``CriterionKD`` did).
     """
 
-    def __init__(self, temperature: float = 1.0) -> None:
+    def __init__(self, temperature: float = 1.0, resize: bool = False) -> None:
         super().__init__()
         if not temperature > 0:
             raise ValueError(f"CriterionKD: temperature must be > 0, got {temperature!r}")
         self.temperature = float(temperature)
+        self.resize = resize  # the student map resized to the teacher's when they differ (other pairs)
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}"
 
-    def forward(self, preds_S: Tensor | Sequence[Tensor], preds_T: Tensor | Sequence[Tensor]) -> Tensor:
+    def forward(self, preds_S: Tensor | Sequence[Tensor], preds_T: Tensor | Sequence[Tensor],
+                labels: Tensor | None = None) -> Tensor:
+        """``labels``: the terms' common signature; KD does not use them."""
         s = _first_map(preds_S, "CriterionKD preds_S")
         t = _first_map(preds_T, "CriterionKD preds_T")
+        if self.resize:
+            s = _match_size(s, t, True, "CriterionKD")
         _check_4d(s, "CriterionKD student logits")
         _check_4d(t, "CriterionKD teacher logits")
         if s.shape != t.shape:

@@ -19,14 +19,12 @@ weight is lambda_adv and its options ``d``, ``gp`` are lambda_d, lambda_gp.
 """
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch import Tensor, nn
+from torch import nn
 
-from cwdseg.distill._common import _match_size
 from cwdseg.distill.at import CriterionAT
 from cwdseg.distill.cwd import DIVERGENCES, NORM_TYPES, CriterionCWD
 from cwdseg.distill.dist import CriterionDIST
@@ -35,8 +33,18 @@ from cwdseg.distill.ifvd import CriterionIFV
 from cwdseg.distill.kd import CriterionKD
 from cwdseg.distill.local import CriterionLocal
 from cwdseg.distill.pairwise import CriterionPairWise
+from cwdseg.distill.afdcd import CriterionAfDCD
+from cwdseg.distill.bpkd import CriterionBPKD
+from cwdseg.distill.cirkd import CriterionCIRKDMemory, CriterionCIRKDMiniBatch
+from cwdseg.distill.lskd import CriterionLSKD
+from cwdseg.distill.mgd import CriterionMGD
+from cwdseg.distill.options import Option, defaults
 
 TAPS = ("logits", "feature")
+# Options every term takes: the layer it reads on the student / the teacher, by name (``logits``,
+# ``feature``, an alias of the architecture such as ``stage3``, or a module path such as ``layer3``);
+# default: the tap that ``on`` names. Given only when they differ from it, so specs stay as short.
+TAP_OPTIONS = ("s_tap", "t_tap")
 
 
 class DistillSpecError(ValueError):
@@ -44,38 +52,13 @@ class DistillSpecError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------------
-# Adapters: the two existing criteria with the terms' common forward(s, t, labels)
-# --------------------------------------------------------------------------------------------------
-class CWDTerm(nn.Module):
-    """:class:`CriterionCWD` as a term; with ``ignore_mask`` the label's ignored pixels leave CWD."""
-
-    def __init__(self, norm: str, div: str, tau: float, ignore_mask: bool, ignore_label: int) -> None:
-        super().__init__()
-        self.cwd = CriterionCWD(norm, div, tau, resize=True)
-        self.ignore_mask, self.ignore_label = ignore_mask, ignore_label
-
-    def forward(self, s: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
-        mask = None
-        if self.ignore_mask:
-            mask = CriterionCWD.mask_from_labels(labels, t.shape[-2:], self.ignore_label)
-        return self.cwd(s, t, ignore_mask=mask)
-
-
-class KDTerm(nn.Module):
-    """:class:`CriterionKD` as a term (the student map resized to the teacher's size when they differ)."""
-
-    def __init__(self, temperature: float) -> None:
-        super().__init__()
-        self.kd = CriterionKD(temperature)
-
-    def forward(self, s: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
-        return self.kd(_match_size(s, t, True, "CriterionKD"), t)
-
-
-# --------------------------------------------------------------------------------------------------
 # The registry
 # --------------------------------------------------------------------------------------------------
 Builder = Callable[[dict[str, Any], int, int], nn.Module]  # (options, num_classes, ignore_label) -> loss
+# For a method with ``needs_channels``: (options, num_classes, ignore_label, student_channels,
+# teacher_channels) -> loss; the term owns trainable parts (alignment conv, generator, projection head)
+# built for those widths, which the caller must optimise and save with the student.
+ChannelBuilder = Callable[[dict[str, Any], int, int, int, int], nn.Module]
 
 
 @dataclass(frozen=True)
@@ -92,19 +75,29 @@ class Method:
     connector: dict[str, str] = field(default_factory=dict)  # tap -> "always" | "if_channels_differ"
     connector_kind: str = "abn"                # "abn": the original's FeatureConnector; "conv": a 1x1 conv
     needs_labels: bool = False
+    needs_channels: bool = False               # build is a ChannelBuilder (the term owns trainable parts)
+    option_specs: dict[str, Option] = field(default_factory=dict)  # bounds of the options, when declared
+    paper_taps: tuple[str, str] | None = None  # (student, teacher) tap of the authors, as named taps
+
+
+def _pick(options: Mapping[str, Any], specs: Mapping[str, Option]) -> dict[str, Any]:
+    """The term's own options out of a resolved spec entry (which also holds ``weight`` and ``on``)."""
+    return {k: options[k] for k in specs if k in options}
 
 
 METHODS: dict[str, Method] = {
     "cwd": Method(
         "CD", "Shu et al., Channel-wise knowledge distillation for dense prediction, ICCV 2021",
         "TorchDistiller SemSeg-distill utils/criterion.py",
-        lambda o, k, ig: CWDTerm(o["norm"], o["div"], o["tau"], o["ignore_mask"], ig),
+        lambda o, k, ig: CriterionCWD(o["norm"], o["div"], o["tau"], resize=True, ignore_labels=o["ignore_mask"],
+                                      ignore_label=ig),
         TAPS, {"tau": 4.0, "norm": "channel", "div": "kl", "ignore_mask": False},
         {"norm": NORM_TYPES, "div": DIVERGENCES}, connector={"feature": "always"}),
     "kd": Method(
         "PI", "Hinton et al. 2015; pixel-wise as in Liu et al. (SKD), CVPR 2019",
         "TorchDistiller utils/criterion.py CriterionKD (KLDivLoss mean)",
-        lambda o, k, ig: KDTerm(o["T"]), TAPS, {"T": 1.0}, connector={"feature": "if_channels_differ"}),
+        lambda o, k, ig: CriterionKD(o["T"], resize=True), TAPS, {"T": 1.0},
+        connector={"feature": "if_channels_differ"}),
     "at": Method(
         "AT", "Zagoruyko & Komodakis, Paying more attention to attention, ICLR 2017", "winycg/CIRKD losses/at.py",
         # Table 2 marks AT on the feature with its channel-alignment sign (a connector), though the
@@ -133,6 +126,47 @@ METHODS: dict[str, Method] = {
         "hunto/DIST_KD segmentation/losses/dist_kd.py",
         lambda o, k, ig: CriterionDIST(o["beta"], o["gamma"], o["tau"]), ("logits",),
         {"beta": 1.0, "gamma": 1.0, "tau": 1.0}),
+    # The methods published after CWD (issue 22). Each module documents its formula and reference.
+    "lskd": Method(
+        "LS-KD", "Sun et al., Logit standardization in knowledge distillation, CVPR 2024",
+        "sunshangquan/logit-standardization-KD mdistiller/distillers/KD.py (per pixel over classes)",
+        lambda o, k, ig: CriterionLSKD(ignore_label=ig, **_pick(o, CriterionLSKD.OPTIONS)), ("logits",),
+        defaults(CriterionLSKD.OPTIONS), option_specs=CriterionLSKD.OPTIONS),
+    "cirkd_kd": Method(
+        "CIRKD pixel KD", "Yang et al., Cross-image relational knowledge distillation for semantic segmentation, "
+        "CVPR 2022", "winycg/CIRKD losses/kd.py (KL summed over classes, mean over pixels)",
+        lambda o, k, ig: CriterionLSKD(o["T"], standardize=False, ignore_label=ig), ("logits",), {"T": 1.0},
+        option_specs={"T": CriterionLSKD.OPTIONS["T"]}),
+    "cirkd_batch": Method(
+        "CIRKD mini-batch", "Yang et al., CVPR 2022: mini-batch pixel-to-pixel relation",
+        "winycg/CIRKD losses/cirkd_mini_batch.py",
+        lambda o, k, ig: CriterionCIRKDMiniBatch(o["tau"]), ("feature",), defaults(CriterionCIRKDMiniBatch.OPTIONS),
+        option_specs=CriterionCIRKDMiniBatch.OPTIONS, paper_taps=("feature", "feature")),
+    "cirkd_mem": Method(
+        "CIRKD memory", "Yang et al., CVPR 2022: memory pixel-to-pixel and pixel-to-region contrast",
+        "winycg/CIRKD losses/cirkd_memory.py, train_cirkd.py",
+        lambda o, k, ig, cs, ct: CriterionCIRKDMemory(cs, ct, k, ig, **_pick(o, CriterionCIRKDMemory.OPTIONS)),
+        ("feature",), defaults(CriterionCIRKDMemory.OPTIONS), {"enqueue": ("authors", "class")},
+        needs_labels=True, needs_channels=True, option_specs=CriterionCIRKDMemory.OPTIONS,
+        paper_taps=("feature", "feature")),
+    "mgd": Method(
+        "MGD", "Yang et al., Masked generative distillation, ECCV 2022",
+        "yzd-v/MGD seg/mmseg/distillation/losses/mgd.py",
+        lambda o, k, ig, cs, ct: CriterionMGD(cs, ct, **_pick(o, CriterionMGD.OPTIONS)), ("feature",),
+        defaults(CriterionMGD.OPTIONS), needs_channels=True, option_specs=CriterionMGD.OPTIONS,
+        paper_taps=("stage4", "stage4")),
+    "afdcd": Method(
+        "Af-DCD", "Fan et al., Augmentation-free dense contrastive knowledge distillation for efficient "
+        "semantic segmentation, NeurIPS 2023", "OSVAI/Af-DCD losses/ocmgd.py, train_ocmgd.py",
+        lambda o, k, ig, cs, ct: CriterionAfDCD(cs, ct, **_pick(o, CriterionAfDCD.OPTIONS)), ("feature",),
+        defaults(CriterionAfDCD.OPTIONS), {"projector": ("plain", "enhanced")}, needs_channels=True,
+        option_specs=CriterionAfDCD.OPTIONS, paper_taps=("stage4", "stage4")),
+    "bpkd": Method(
+        "BPKD", "Liu et al., BPKD: Boundary privileged knowledge distillation for semantic segmentation, WACV 2024",
+        "none published (AkideLiu/BPKD: evaluation code only); the paper's description",
+        lambda o, k, ig: CriterionBPKD(k, ig, **_pick(o, CriterionBPKD.OPTIONS)), ("logits",),
+        defaults(CriterionBPKD.OPTIONS), {"edge_norm": ("mass", "count", "pixels")}, needs_labels=True,
+        option_specs=CriterionBPKD.OPTIONS),
 }
 
 # Term names: every method on its default tap, and ``<method>_feat`` where it also compares features.
@@ -142,11 +176,6 @@ for _m, _info in METHODS.items():
     if "feature" in _info.taps and _info.taps[0] != "feature":
         TERM_NAMES[f"{_m}_feat"] = (_m, "feature")
 
-# Option defaults that come from the original flags, so ``--temperature 2 --distill cwd=3`` means what it says.
-FLAG_DEFAULTS: dict[str, dict[str, str]] = {
-    "cwd": {"tau": "temperature", "norm": "norm_type", "div": "divergence", "ignore_mask": "cwd_ignore_mask"},
-    "adv": {"d": "lambda_d", "gp": "lambda_gp"},
-}
 
 
 def method_of(name: str) -> Method:
@@ -157,16 +186,29 @@ def tap_of(name: str, options: Mapping[str, Any]) -> str:
     return options.get("on") or TERM_NAMES[name][1] or method_of(name).taps[0]
 
 
+def taps_of(name: str, options: Mapping[str, Any]) -> tuple[str, str]:
+    """(student tap, teacher tap) a term reads: ``s_tap``/``t_tap`` when given, else the tap ``on`` names."""
+    on = tap_of(name, options)
+    return options.get("s_tap") or on, options.get("t_tap") or on
+
+
 def connector_policy(name: str, options: Mapping[str, Any]) -> str | None:
     """``"always"``, ``"if_channels_differ"`` or None for a term of a resolved spec."""
     return method_of(name).connector.get(tap_of(name, options))
 
 
-def build_term(name: str, options: Mapping[str, Any], num_classes: int, ignore_label: int) -> nn.Module:
-    """The loss module of one resolved spec entry (not for ``adv``)."""
+def build_term(name: str, options: Mapping[str, Any], num_classes: int, ignore_label: int,
+               student_channels: int | None = None, teacher_channels: int | None = None) -> nn.Module:
+    """The loss module of one resolved spec entry (not for ``adv``). A method with ``needs_channels``
+    (its module owns trainable parts) also needs the widths of the two tapped maps."""
     method = method_of(name)
     if method.build is None:
         raise ValueError(f"{name} is built by the engine (it trains a discriminator), not as a loss module")
+    if method.needs_channels:
+        if student_channels is None or teacher_channels is None:
+            raise ValueError(f"{name} owns trainable layers sized by the tapped maps: pass student_channels= "
+                             "and teacher_channels= to build_term")
+        return method.build(dict(options), num_classes, ignore_label, int(student_channels), int(teacher_channels))
     return method.build(dict(options), num_classes, ignore_label)
 
 
@@ -215,6 +257,12 @@ def parse_entry(entry: str) -> tuple[str, dict[str, Any]]:
     for item in rest:
         key, sep, raw = item.partition("=")
         key = key.strip()
+        if key in TAP_OPTIONS:  # any layer by name: checked against the models when the run is built
+            if not raw.strip():
+                raise DistillSpecError(f"--distill {entry!r}: {key} needs a tap name (logits, feature, stage1..4, "
+                                       "head, or a module path such as layer3)")
+            out[key] = raw.strip()
+            continue
         if key == "on":
             forced = TERM_NAMES[name][1]
             if raw not in method.taps or (forced and raw != forced):
@@ -240,18 +288,25 @@ def parse_distill(entries: Iterable[str]) -> dict[str, dict[str, Any]]:
     return spec
 
 
-def complete(name: str, given: Mapping[str, Any], args: argparse.Namespace | None = None) -> dict[str, Any]:
-    """Every option of a spec entry: the given ones, else the original flag's value, else the default."""
+def complete(name: str, given: Mapping[str, Any],
+             flag_defaults: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+    """Every option of a spec entry: the given ones, else the original flag's value
+    (``flag_defaults``: method -> option -> value, e.g. ``{"cwd": {"tau": 2.0}}`` from ``--temperature 2``),
+    else the default. CWD with ``div=mse`` has tau 1 (the original forces it), so the spec, the run name
+    and every record say the temperature that is used."""
     method = method_of(name)
-    flags = FLAG_DEFAULTS.get(TERM_NAMES[name][0], {})
+    flags = (flag_defaults or {}).get(TERM_NAMES[name][0], {})
     out = {"weight": float(given["weight"]), "on": given.get("on") or TERM_NAMES[name][1] or method.taps[0]}
     for key, default in method.options.items():
         if key in given:
             out[key] = given[key]
-        elif args is not None and key in flags and getattr(args, flags[key], None) is not None:
-            out[key] = type(default)(getattr(args, flags[key]))
+        elif key in flags and flags[key] is not None:
+            out[key] = type(default)(flags[key])
         else:
             out[key] = default
+    if out.get("div") == "mse" and out.get("tau") != 1.0:
+        out["tau"] = 1.0
+    out.update({key: given[key] for key in TAP_OPTIONS if given.get(key) and given[key] != out["on"]})
     return out
 
 
@@ -291,41 +346,34 @@ PRESETS: dict[str, Preset] = {
     "dist": Preset(("dist=1,beta=1,gamma=1,tau=1",), "DIST", "logits map", None,
                    "DIST_KD segmentation: weight 1, beta = gamma = tau = 1"),
 }
+# The methods published after CWD: the authors' weights (Cityscapes), each with its source. Their
+# published figures (other protocols than Table 2's) are in the README's method table.
+PRESETS.update({
+    "cirkd": Preset(("cirkd_kd=1,T=1", "cirkd_batch=1,tau=0.1", "cirkd_mem=1,pixel=0.1,region=0.1"), "CIRKD",
+                    "logits + feature", None,
+                    "train_cirkd.py defaults: lambda_kd 1 (T 1), lambda_minibatch_pixel 1, lambda_memory_pixel "
+                    "and lambda_memory_region 0.1, contrast temperature 0.1"),
+    "mgd": Preset(("mgd=1,alpha=2e-05,mask_ratio=0.75", "cwd=3,tau=4"), "MGD", "feature + logits", None,
+                  "MGD seg/configs/distillers/mgd/psp_r101_distill_psp_r18_40k_512x512_city.py: alpha_mgd 2e-5, "
+                  "lambda_mgd 0.75, with the distiller's CWD 3 (tau 4) on the logits; the authors tap the last "
+                  "backbone stage (paper_taps), the engine the head feature until named taps land"),
+    "afdcd": Preset(("cirkd_kd=1,T=1", "afdcd=1,fd=2e-06,ctr=0.005"), "Af-DCD", "logits + feature", None,
+                    "train_scripts/cityscape/deeplabv3_r101_deeplabv3_r18_ocmgd.sh: lambda_fd 2e-6, lambda_ctr "
+                    "0.005, lambda_kd 1 (T 1); random mask 0.75 and plain projector (what their argparse uses)"),
+    "lskd": Preset(("lskd=9,T=2",), "LS-KD", "logits map", None,
+                   "logit-standardization-KD README: KD weight 9, T 2 (classification; no segmentation recipe)"),
+    "bpkd": Preset(("bpkd=1,edge=50,body=20,alpha=2,T=1",), "BPKD", "logits map", None,
+                   "the BPKD paper's settings: lambda_edge 50, lambda_body 20, alpha 2, T 1, 7-pixel edge window"),
+})
 TABLE2 = ("baseline", "at_feat", "at_logits", "pi_feat", "pi_logits", "local_feat", "local_logits", "pa_feat",
           "pa_logits", "ifvd_feat", "ifvd_logits", "ho_logits", "cd_feat", "cd_logits")
 
 
-def resolve_spec(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    """The run's full spec from ``--preset``, ``--distill`` and the original flags (in that order).
-
-    ``--distill`` may re-weight a preset's term; an original flag (``--cwd``, ``--kd``, ``--adv``) and
-    a ``--distill`` entry for the same term are an error. ``--cwd True --cwd-feat True`` is the term
-    ``cwd`` on the feature (so the logged name stays ``cwd``, as before).
-    """
-    given: dict[str, dict[str, Any]] = {}
-    preset = getattr(args, "preset", None)
-    if preset:
-        if preset not in PRESETS:
-            raise DistillSpecError(f"--preset {preset!r} is unknown; presets: {', '.join(PRESETS)}")
-        given.update(parse_distill(PRESETS[preset].terms))
-    for name, value in parse_distill(getattr(args, "distill", None) or []).items():
-        given[name] = value
-    legacy: dict[str, dict[str, Any]] = {}
-    if getattr(args, "cwd", False):
-        legacy["cwd"] = {"weight": args.lambda_cwd, "on": "feature" if args.cwd_feat else "logits"}
-    if getattr(args, "kd", False):
-        legacy["kd"] = {"weight": args.lambda_kd}
-    if getattr(args, "adv", False):
-        legacy["adv"] = {"weight": args.lambda_adv}
-    for name, value in legacy.items():
-        if name in given:
-            raise DistillSpecError(f"--{name} True and --distill/--preset both set the term {name!r}; give it once")
-        given[name] = value
-    spec = {name: complete(name, value, args) for name, value in given.items()}
-    feature_terms = [n for n in spec if n.startswith("cwd") and spec[n]["on"] == "feature"]
-    if len(feature_terms) > 1:
-        raise DistillSpecError(f"CWD on the feature is given twice ({', '.join(feature_terms)}); give it once")
-    return spec
+def preset_spec(preset: str) -> dict[str, dict[str, Any]]:
+    """The complete spec of a preset."""
+    if preset not in PRESETS:
+        raise DistillSpecError(f"--preset {preset!r} is unknown; presets: {', '.join(PRESETS)}")
+    return {name: complete(name, options) for name, options in parse_distill(PRESETS[preset].terms).items()}
 
 
 def format_entry(name: str, options: Mapping[str, Any]) -> str:
@@ -341,7 +389,7 @@ def format_entry(name: str, options: Mapping[str, Any]) -> str:
 def spec_run_name(spec: Mapping[str, Mapping[str, Any]], preset: str | None) -> str:
     """A run name for a spec given by --preset/--distill: the preset, or the terms and weights."""
     if preset and tuple(format_entry(n, o) for n, o in spec.items()) == tuple(
-            format_entry(n, o) for n, o in resolve_spec(argparse.Namespace(preset=preset)).items()):
+            format_entry(n, o) for n, o in preset_spec(preset).items()):
         return preset
     if not spec:
         return preset or "baseline"

@@ -138,17 +138,18 @@ def acquire_for_run(run_dir: Path, info: DistInfo, log=print) -> RunLock:
     return lock
 
 
-def completed_message(run_dir: Path, args) -> str | None:
+def completed_message(run_dir: Path, cfg) -> str | None:
     """The no-op message when ``run_dir`` holds this run finished (last.pth at the last step with the
-    same recipe, the final weights, and eval.json when evaluating); None otherwise."""
-    from cwdseg.engine.state import recipe_differences
+    same configuration, the final weights, and eval.json when evaluating); None otherwise."""
+    from cwdseg.engine.state import config_differences
 
-    num_steps = args.num_steps
-    last, final = Path(run_dir) / "last.pth", Path(run_dir) / f"city_{num_steps - 1}_G.pth"
-    if not (last.is_file() and final.is_file()) or (args.eval and not (Path(run_dir) / "eval.json").is_file()):
+    num_steps, evaluate = cfg.optim.num_steps, cfg.eval.final
+    last = Path(run_dir) / "last.pth"
+    final = Path(run_dir) / ckpt.student_filename(cfg.data.dataset, num_steps - 1)
+    if not (last.is_file() and final.is_file()) or (evaluate and not (Path(run_dir) / "eval.json").is_file()):
         return None
     state = ckpt.load_checkpoint_dict(last)
-    if state.get("step") != num_steps or recipe_differences(state, args):
+    if state.get("step") != num_steps or config_differences(state, cfg):
         return None  # not finished, or other settings (which resuming refuses with the differences)
     return (f"{run_dir} holds this run complete ({num_steps}/{num_steps} steps, {final.name}"
-            f"{', eval.json' if args.eval else ''}): nothing to do; pass --force to write its outputs again")
+            f"{', eval.json' if evaluate else ''}): nothing to do; pass --force to write its outputs again")

@@ -20,8 +20,8 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A600
 class RunLog:
     """Rank 0 writes metrics.jsonl and a progress bar (or plain lines when not on a terminal)."""
 
-    def __init__(self, run_dir: Path | None, total: int, start: int, enabled: bool) -> None:
-        self.enabled = enabled
+    def __init__(self, run_dir: Path | None, total: int, start: int, enabled: bool, trackers=None) -> None:
+        self.enabled, self.trackers = enabled, trackers  # trackers: cwdseg.engine.trackers.Trackers or None
         self.file = open(run_dir / "metrics.jsonl", "a") if enabled and run_dir else None
         self.bar = None
         if enabled and run_dir is not None and sys.stdout.isatty():  # the bar belongs to the loop
@@ -42,6 +42,8 @@ class RunLog:
             return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+        if self.trackers:
+            self.trackers.log_scalars(record["step"], record)
         losses = " ".join(f"{k}={v:.4f}" for k, v in record["loss"].items())
         if self.bar is not None:
             self.bar.update(steps_done)

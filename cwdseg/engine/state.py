@@ -16,15 +16,11 @@ import numpy as np
 import torch
 
 from cwdseg import checkpoint as ckpt
-from cwdseg.engine.build import RANDOM, Engine, Models, needs_teacher
+from cwdseg.config import CONFIG_FORMAT, RunConfig, differences, to_dict
+from cwdseg.engine.build import RANDOM, Criteria, Engine, Models
 
 
-RECIPE_KEYS = (
-    "data_list", "input_size", "random_mirror", "random_scale", "num_classes", "ignore_label", "batch_size",
-    "grad_accum", "num_steps", "lr_g", "lr_d", "momentum", "weight_decay", "power", "seed", "cwd", "cwd_feat",
-    "norm_type", "divergence", "temperature", "lambda_cwd", "cwd_ignore_mask", "kd", "lambda_kd", "adv", "lambda_adv", "lambda_d",
-    "lambda_gp", "teacher_arch", "student_arch", "amp", "distill_terms",
-)
+LAST_FORMAT = "cwd-seg/last/2"  # /2: the whole run configuration replaces /1's list of recipe keys
 
 
 def rng_state() -> dict[str, Any]:
@@ -52,41 +48,47 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_last(path: Path, step: int, models: Models, opt_g, opt_d, engine: Engine, args, samples_seen: int) -> None:
+def save_last(path: Path, step: int, models: Models, criteria: Criteria, opt_g, opt_d, engine: Engine,
+              cfg: RunConfig, samples_seen: int) -> None:
     state = {
-        "format": "cwd-seg/last/1",
+        "format": LAST_FORMAT,
         "step": step,  # the next step to run
         "student": ckpt.export_state_dict(models.student_module),
         "connector": models.connector.state_dict() if models.connector is not None else None,
+        "terms": criteria.terms.state_dict(),  # connectors again, and the terms' own layers and memory banks
         "discriminator": models.discriminator.state_dict() if models.discriminator is not None else None,
         "optimizer_g": opt_g.state_dict(),
         "optimizer_d": opt_d.state_dict() if opt_d is not None else None,
         "scaler": engine.scaler.state_dict(),
         "rng": rng_state(),
         "sampler": {"samples_per_rank": samples_seen, "world_size": engine.dist.world_size},
-        "recipe": {k: jsonable(getattr(args, k)) for k in RECIPE_KEYS},
-        "inputs": run_inputs(args),
+        "config": to_dict(cfg),
+        "inputs": run_inputs(cfg),
     }
     ckpt.atomic_save(state, path)
 
 
-def load_last(path: Path, models: Models, opt_g, opt_d, engine: Engine, args) -> int:
+def load_last(path: Path, models: Models, criteria: Criteria, opt_g, opt_d, engine: Engine, cfg: RunConfig) -> int:
     """Restore everything from ``last.pth``; returns the step to continue from."""
     state = ckpt.load_checkpoint_dict(path)
-    if state.get("format") != "cwd-seg/last/1":
+    if state.get("format") != LAST_FORMAT:
+        if str(state.get("format", "")).startswith("cwd-seg/last/"):
+            raise ckpt.CheckpointError(f"{path} was written by an older version of the toolkit ({state['format']}, "
+                                       "before the typed configuration); finish it with that version, or start anew")
         raise ckpt.CheckpointError(f"{path} is not a training checkpoint of this toolkit (no 'format' tag); "
                                    "released students are loaded with --student-init or evaluate.py --restore-from")
-    diff = recipe_differences(state, args)
+    diff = config_differences(state, cfg)
     if diff:
         raise ResumeError(f"{path} was written by a run with other settings ({'; '.join(diff)}); "
-                          "use the same flags to resume, or another --save-name for a new run")
-    check_same_inputs(path, state.get("inputs"), run_inputs(args))
+                          "use the same settings to resume, or another --save-name for a new run")
+    check_same_inputs(path, state.get("inputs"), run_inputs(cfg))
     if state["sampler"]["world_size"] != engine.dist.world_size:
         raise ResumeError(f"{path} was written with {state['sampler']['world_size']} processes, "
                           f"this run has {engine.dist.world_size}; resume with the same number of processes")
     models.student_module.load_state_dict(state["student"])
     if models.connector is not None:
         models.connector.load_state_dict(state["connector"])
+    criteria.terms.load_state_dict(state["terms"])
     if models.discriminator is not None:
         models.discriminator.load_state_dict(state["discriminator"])
     opt_g.load_state_dict(state["optimizer_g"])
@@ -97,14 +99,6 @@ def load_last(path: Path, models: Models, opt_g, opt_d, engine: Engine, args) ->
     return int(state["step"])
 
 
-def jsonable(value):
-    if isinstance(value, tuple):
-        return list(value)
-    return value
-
-
-
-
 # --------------------------------------------------------------------------------------------------
 # The files a run is built from, and config.json
 # --------------------------------------------------------------------------------------------------
@@ -112,11 +106,10 @@ class ResumeError(ckpt.CheckpointError):
     """last.pth cannot be continued by this command (other settings, other input files, other world size)."""
 
 
-def recipe_differences(state: dict, args) -> list[str]:
-    """``"key: saved X, now Y"`` for every recipe setting that differs between ``last.pth`` and ``args``."""
-    saved = state.get("recipe", {})
-    now = {k: jsonable(getattr(args, k)) for k in RECIPE_KEYS}
-    return [f"{k}: saved {saved.get(k)!r}, now {now[k]!r}" for k in RECIPE_KEYS if saved.get(k) != now[k]]
+def config_differences(state: dict, cfg: RunConfig) -> list[str]:
+    """``"section.field: saved X, now Y"`` for every setting (not the free ones: paths, workers, logging)
+    that differs between ``last.pth`` and ``cfg``."""
+    return differences(state.get("config", {}), cfg)
 
 
 _DIGESTS: dict[tuple, str] = {}
@@ -135,15 +128,31 @@ def file_sha256(path: str | os.PathLike) -> str:
     return _DIGESTS[key]
 
 
-def run_inputs(args) -> dict[str, dict | None]:
+INPUT_FLAGS = {"teacher": "--teacher-ckpt", "student_init": "--student-init"}
+
+
+def input_files(cfg: RunConfig) -> dict[str, str | None]:
+    """``{role: path}`` of the weight files the run is built from (None: not used, or random weights)."""
+    m = cfg.models
+    return {"teacher": m.teacher_ckpt if cfg.needs_teacher and m.teacher_ckpt != RANDOM else None,
+            "student_init": m.student_init if m.student_init != RANDOM else None}
+
+
+def check_input_files(cfg: RunConfig) -> None:
+    """Refuse a missing weight file before anything is created (one line naming the flag)."""
+    for role, path in input_files(cfg).items():
+        if path is not None and not Path(path).is_file():
+            what = "is a folder" if Path(path).is_dir() else "no such file"
+            hint = ("; see ckpt/README.md for the released files, or pass random (smoke tests only)"
+                    if role == "teacher" else f"; see ckpt/README.md, or pass {INPUT_FLAGS[role]} random")
+            raise ckpt.CheckpointError(f"{INPUT_FLAGS[role]} {path}: {what}{hint}")
+
+
+def run_inputs(cfg: RunConfig) -> dict[str, dict | None]:
     """The weight files the run is built from, by content: ``{role: {"path", "sha256"} or None}``
     (None: not used, or random weights)."""
-    files = {
-        "teacher": args.T_ckpt_path if needs_teacher(args) and args.T_ckpt_path != RANDOM else None,
-        "student_init": args.student_pretrain_model_imgnet
-        if args.is_student_load_imgnet and args.student_pretrain_model_imgnet != RANDOM else None,
-    }
-    return {role: None if p is None else {"path": str(p), "sha256": file_sha256(p)} for role, p in files.items()}
+    return {role: None if p is None else {"path": str(p), "sha256": file_sha256(p)}
+            for role, p in input_files(cfg).items()}
 
 
 def check_same_inputs(path: Path, saved: dict | None, now: dict) -> None:
@@ -151,9 +160,8 @@ def check_same_inputs(path: Path, saved: dict | None, now: dict) -> None:
     Checkpoints written before inputs were recorded (``saved`` None) are not checked."""
     if saved is None:
         return
-    flags = {"teacher": "--teacher-ckpt", "student_init": "--student-init"}
     diff = []
-    for role, flag in flags.items():
+    for role, flag in INPUT_FLAGS.items():
         a, b = saved.get(role), now.get(role)
         if (a or {}).get("sha256") == (b or {}).get("sha256"):
             continue
@@ -165,19 +173,33 @@ def check_same_inputs(path: Path, saved: dict | None, now: dict) -> None:
                           "files, or start a new run with another --save-name")
 
 
-def write_config(run_dir: Path, config: dict, resumed_at: int) -> None:
-    """A fresh run writes ``config.json``; a resumed one keeps it and appends a record to its
-    ``"resumes"`` list (step, time, host, command, and the settings that now differ), so the file
-    never claims what the run did not use."""
+def write_config(run_dir: Path, cfg: RunConfig, environment: dict[str, Any], resumed_at: int) -> None:
+    """A fresh run writes ``config.json`` (``{"format", "config", "environment", "resumes"}``, itself a
+    valid ``--config`` file); a resumed one keeps it and appends a record to ``"resumes"`` (step, time,
+    host, command, and the free settings that now differ), so the file never claims what the run did not use."""
     path = Path(run_dir) / "config.json"
+    config = to_dict(cfg)
     if resumed_at == 0 or not path.is_file():
-        config = dict(config, resumes=[])
+        record = {"format": CONFIG_FORMAT, "config": config, "inputs": run_inputs(cfg), "environment": environment,
+                  "resumes": []}
     else:
-        old = json.loads(path.read_text())
-        changed = {k: {"was": old.get(k), "now": v} for k, v in config.items() if k in old and old[k] != v}
-        old.setdefault("resumes", []).append({
+        record = json.loads(path.read_text())
+        old = record.get("config", {})
+        changed = {f"{section}.{k}": {"was": old.get(section, {}).get(k), "now": v}
+                   for section, fields in config.items() for k, v in fields.items()
+                   if old.get(section, {}).get(k) != v}
+        record.setdefault("resumes", []).append({
             "step": resumed_at, "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "host": socket.gethostname(), "command": shlex.join(["python", *sys.argv]), "changed": changed,
+            "environment": environment,
         })
-        config = old
-    ckpt.atomic_write_text(path, json.dumps(config, indent=2) + "\n")
+    ckpt.atomic_write_text(path, json.dumps(record, indent=2) + "\n")
+
+
+def read_run_config(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``config`` part of a run folder's ``config.json`` (None when there is none)."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    return record.get("config") if record.get("format") == CONFIG_FORMAT else None

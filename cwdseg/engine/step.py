@@ -6,8 +6,10 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from cwdseg.config import OptimConfig
 from cwdseg.distill import discriminator_wgan_gp_loss, generator_adversarial_loss
 from cwdseg.engine.build import Criteria, Engine, Models, Weights
+from cwdseg.distill.taps import TapRecorder
 from cwdseg.engine.distributed import average_buffers, average_gradients
 from cwdseg.models.discriminator import MIN_INPUT_SIZE
 
@@ -17,14 +19,23 @@ def poly_lr(base_lr: float, step: int, num_steps: int, power: float) -> float:
     return base_lr * (1.0 - step / num_steps) ** power
 
 
-def set_lr(opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer | None, args, step: int) -> float:
-    """Both optimisers' learning rates for ``step`` (poly schedule); returns the student's."""
-    lr_g = poly_lr(args.lr_g, step, args.num_steps, args.power)
+def scheduled_lr(base_lr: float, step: int, optim: OptimConfig) -> float:
+    """Poly decay over ``optim.num_steps``, with mmcv's linear warm-up when ``optim.warmup_steps`` > 0:
+    ``lr * (1 - (1 - step / warmup) * (1 - warmup_ratio))`` for the first ``warmup`` steps."""
+    lr = poly_lr(base_lr, step, optim.num_steps, optim.power)
+    if step < optim.warmup_steps:
+        lr *= 1.0 - (1.0 - step / optim.warmup_steps) * (1.0 - optim.warmup_ratio)
+    return lr
+
+
+def set_lr(opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer | None, optim: OptimConfig, step: int) -> float:
+    """Both optimisers' learning rates for ``step``; returns the student's (each group's ``lr_mult`` applied)."""
+    lr_g = scheduled_lr(optim.lr, step, optim)
     for group in opt_g.param_groups:
-        group["lr"] = lr_g
+        group["lr"] = lr_g * group.get("lr_mult", 1.0)
     if opt_d is not None:
         for group in opt_d.param_groups:
-            group["lr"] = poly_lr(args.lr_d, step, args.num_steps, args.power)
+            group["lr"] = poly_lr(optim.lr_d, step, optim.num_steps, optim.power)
     return lr_g
 
 
@@ -53,12 +64,13 @@ def train_step(
     ``micro_batches`` holds ``grad_accum`` (images, labels) pairs already on the device.
     """
     models.student.train()
-    if models.connector is not None:
-        models.connector.train()
+    criteria.terms.train()
     opt_g.zero_grad(set_to_none=True)
     terms_sum: dict[str, torch.Tensor] = {}
     logits_pairs = []  # (student, teacher) logits, detached, for the discriminator step
     n_micro = len(micro_batches)
+    taps_s_names = criteria.taps("s")
+    taps_t_names = list(dict.fromkeys(["logits", *criteria.taps("t")]))  # the discriminator reads the logits
 
     for i, (images, labels) in enumerate(micro_batches):
         last = i == n_micro - 1
@@ -66,20 +78,16 @@ def train_step(
         with sync:
             taps_t = None
             if models.teacher is not None:
-                with torch.inference_mode(), engine.autocast():
-                    out_t = models.teacher(images, aux=False)  # no loss uses the teacher's aux head
-                # Inference tensors cannot be saved for backward: copy the maps the losses use.
-                taps_t = {"logits": out_t[0].clone(),
-                          "feature": out_t[2].clone() if criteria.needs_teacher_feature else None}
+                with TapRecorder(models.teacher, taps_t_names, models.teacher_aliases) as rec_t:
+                    with torch.inference_mode(), engine.autocast():
+                        models.teacher(images, aux=False)  # no loss uses the teacher's aux head
+                taps_t = rec_t.cloned()  # inference tensors cannot be saved for backward: copies
             with engine.autocast():
-                preds_s = models.student(images)
-                taps_s = {"logits": preds_s[0], "feature": preds_s[2]}
+                with TapRecorder(models.student, taps_s_names, models.student_aliases) as rec_s:
+                    preds_s = models.student(images)
                 terms = {"ce": criteria.dsn(preds_s, labels)}
                 for name, term in criteria.terms.items():
-                    source_s = taps_s[term.tap]
-                    if models.connector is not None and name in models.connector:
-                        source_s = models.connector[name](source_s)
-                    terms[name] = weights.terms[name] * term.loss(source_s, taps_t[term.tap], labels)
+                    terms[name] = term(rec_s.taps, taps_t, labels)
                 if models.discriminator is not None:
                     # D runs in fp32 (its gradient penalty needs a double backward).
                     with torch.autocast(engine.device.type, enabled=False):
@@ -92,8 +100,7 @@ def train_step(
             terms_sum[k] = terms_sum.get(k, 0.0) + v.detach() / n_micro
 
     world = engine.dist.world_size
-    if models.connector is not None:
-        average_gradients(models.connector.parameters(), world)
+    average_gradients(criteria.terms.parameters(), world)  # connectors and the terms' own layers (not in DDP)
     engine.scaler.step(opt_g)
     engine.scaler.update()
 

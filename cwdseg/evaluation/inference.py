@@ -27,11 +27,14 @@ import contextlib
 import math
 from typing import Iterator, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cwdseg.data.transforms import Normalization
 from cwdseg.engine.precision import autocast_context
+from cwdseg.export.normalization import apply
 
 
 def parse_overlap(value: str | float) -> float:
@@ -181,3 +184,22 @@ def predict_logits(
             total = logits if total is None else total + logits
             passes += 1
     return total / passes if passes > 1 else total
+
+
+def network_input(images_bgr: Sequence[np.ndarray], normalization: Normalization,
+                  luts: np.ndarray | None = None) -> torch.Tensor:
+    """``[N, 3, H, W]`` float32 network input of decoded ``(H, W, 3)`` uint8 BGR images of one size,
+    normalised through ``normalization``'s lookup tables: the values the evaluation datasets produce."""
+    luts = normalization.lut() if luts is None else luts
+    return torch.from_numpy(np.stack([apply(normalization, image, luts) for image in images_bgr]))
+
+
+def predict_ids(model: nn.Module, image: torch.Tensor, **protocol) -> torch.Tensor:
+    """Class ids ``[N, H, W]`` (int64): the argmax over classes of :func:`predict_logits` (same keywords),
+    as the evaluation loop scores them."""
+    return predict_logits(model, image, **protocol).argmax(dim=1)
+
+
+def predict_probabilities(model: nn.Module, image: torch.Tensor, **protocol) -> torch.Tensor:
+    """Soft-max over classes ``[N, C, H, W]`` (float32) of :func:`predict_logits` (same keywords)."""
+    return torch.softmax(predict_logits(model, image, **protocol), dim=1)

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 import sys
 import time
 from pathlib import Path
@@ -15,9 +16,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from cwdseg.checkpoint import infer_arch, load_state_dict_file, load_student, load_teacher
+from cwdseg.checkpoint import infer_arch, load_network, load_state_dict_file, student_metadata
 from cwdseg.data import build_loader
-from cwdseg.data.registry import build_dataset
+from cwdseg.data.registry import build_dataset, dataset_info
 from cwdseg.data.transforms import NORMALIZATIONS, Normalization
 from cwdseg.data.labels import CLASS_NAMES, NUM_CLASSES
 from cwdseg.engine.precision import amp_dtype
@@ -43,31 +44,68 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def load_model(path: str | Path, arch: str | None = None, num_classes: int = NUM_CLASSES) -> tuple[nn.Module, str]:
-    """Build the network a checkpoint file holds and load it (strict); returns ``(model, arch)``
-    with ``arch`` the registry name (``cwdseg.models.ARCHS``).
+@dataclass(frozen=True)
+class LoadedModel:
+    """A network read from a file, with what is known about it: from the toolkit's own metadata
+    (``meta`` not None), else from the file's keys and the caller's flags."""
 
-    The architecture comes from the file's keys (``cwdseg.checkpoint.infer_arch``): the PSPNets of the
-    original code, CIRKD's DeepLabV3-R18/R101/MobileNetV2; a given ``arch`` (an alias works) that
-    disagrees is an error naming both. ResNet-101 networks load with ``load_teacher``, the others with
-    ``load_student``, so every layout those accept works here.
+    model: nn.Module
+    arch: str
+    num_classes: int
+    normalization: str               # a name of cwdseg.data.transforms.NORMALIZATIONS
+    dataset: str | None              # the dataset it was trained on, when the file says
+    class_names: tuple[str, ...] | None
+    class_colors: tuple[tuple[int, int, int], ...] | None
+    meta: dict | None                # the toolkit's student metadata (None: a foreign file)
+
+
+def load_model_file(path: str | Path, arch: str | None = None, num_classes: int | None = None,
+                    dataset: str | None = None) -> LoadedModel:
+    """Build the network a checkpoint file holds and load it (strict).
+
+    A student file written by the toolkit names its architecture, classes and input normalisation
+    (``cwdseg.checkpoint.student_metadata``); a given ``arch``/``num_classes`` that contradicts it is an
+    error. Foreign files (the original's, CIRKD's) are recognised by their keys
+    (``cwdseg.checkpoint.infer_arch``), with ``num_classes`` from the caller (else ``dataset``'s count,
+    else 19) and the architecture's normalisation. Every architecture loads through one strict loader
+    (``cwdseg.checkpoint.load_network``), which knows each registered layout.
     """
     path = Path(path)
     if not path.is_file():
-        raise EvaluationError(f"--restore-from {path}: no such file; download the released checkpoints listed "
+        what = "is a folder, not a weight file" if path.is_dir() else "no such file"
+        raise EvaluationError(f"--restore-from {path}: {what}; download the released checkpoints listed "
                               f"in README.md into ckpt/ or point the flag at your own file")
-    found = infer_arch(load_state_dict_file(path))
+    state = load_state_dict_file(path)
+    meta = student_metadata(state)
+    found = meta["arch"] if meta else infer_arch(state)
     if arch is not None:
         try:
             wanted = canonical_arch(arch)
         except ValueError as exc:
             raise EvaluationError(str(exc)) from None
         if wanted != found:
-            raise EvaluationError(f"{path} holds a {found} network, not {wanted}; drop --arch (it is inferred from "
-                                  f"the file) or pass --arch {found}")
-    model = build_model(found, num_classes=num_classes)
-    (load_teacher if found.endswith("resnet101") else load_student)(model, path)
-    return model, found
+            raise EvaluationError(f"{path} holds a {found} network, not {wanted}; drop --arch (it is "
+                                  f"{'recorded in' if meta else 'inferred from'} the file) or pass --arch {found}")
+    if meta and num_classes is not None and num_classes != meta["num_classes"]:
+        raise EvaluationError(f"{path} was trained with {meta['num_classes']} classes ({meta['dataset']}), not "
+                              f"{num_classes}; drop --num-classes (the file records it)")
+    if meta:
+        classes = meta["num_classes"]
+    else:
+        classes = num_classes or (dataset_info(dataset).num_classes if dataset and dataset != "folder" else NUM_CLASSES)
+    model = build_model(found, num_classes=classes)
+    load_network(model, path)
+    return LoadedModel(
+        model, found, classes, meta["normalization"] if meta else NORMALIZATION[found],
+        meta.get("dataset") if meta else None,
+        tuple(meta["class_names"]) if meta else None,
+        tuple(tuple(c) for c in meta["class_colors"]) if meta else None, meta)
+
+
+def load_model(path: str | Path, arch: str | None = None, num_classes: int | None = None) -> tuple[nn.Module, str]:
+    """``(model, arch)`` of :func:`load_model_file`."""
+    loaded = load_model_file(path, arch, num_classes)
+    return loaded.model, loaded.arch
 
 
 def checkpoint_normalization(arch: str, override: str | None = None) -> Normalization:

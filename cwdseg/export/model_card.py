@@ -1,7 +1,7 @@
 """The model card of an export: a Markdown page written beside the exported files.
 
 It states what the files are (architecture, parameters, GMACs), what they expect (normalisation,
-classes), how they were made (data, recipe from ``config.json``), how good they are (the per-class IoU
+classes), how they were made (the run configuration: distillation terms, the pair, data, crop and schedule), how good they are (the per-class IoU
 of the evaluation they come with) and, plainly, how the weights were selected: final-iteration, or
 chosen on the val set (an optimistic number), or unknown.
 """
@@ -24,12 +24,39 @@ def _pct(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:.2f}"
 
 
-def _recipe_lines(recipe: dict[str, Any] | None) -> list[str]:
-    if not recipe:
+def _training_lines(training: dict[str, Any] | None) -> list[str]:
+    """The training section, from the run configuration only (nothing assumed about the paper's recipe)."""
+    if not training:
         return ["No training configuration came with these weights (a released file, or a run folder without "
                 "`config.json`)."]
-    lines = ["| setting | value |", "|---|---|"]
-    lines += [f"| `{k}` | `{v}` |" for k, v in recipe.items()]
+    terms = training["distillation"]["terms"]
+    preset = training["distillation"]["preset"]
+    lines = ["| | |", "|---|---|"]
+    if terms:
+        for name, options in terms.items():
+            opts = ", ".join(f"{k} {v}" for k, v in options.items() if k != "weight")
+            lines.append(f"| distillation term `{name}` | weight {options['weight']:g}" + (f"; {opts}" if opts else "") + " |")
+    else:
+        lines.append("| distillation | none (the student trained alone on the labels) |")
+    if preset:
+        lines.append(f"| preset | `{preset}` |")
+    teacher, student, data, sched = training["teacher"], training["student"], training["data"], training["schedule"]
+    if teacher:
+        digest = f" (sha256 `{teacher['sha256'][:16]}`)" if teacher.get("sha256") else ""
+        lines.append(f"| teacher | `{teacher['arch']}` from `{teacher['file'] or 'random weights'}`{digest} |")
+    init = f"`{student['init']}`" + (f" (sha256 `{student['init_sha256'][:16]}`)" if student.get("init_sha256") else "")
+    lines.append(f"| student | `{student['arch']}`, initialised from {init}, input {student['normalization']} |")
+    lines.append(f"| data | `{data['dataset']}` at `{data['root']}`" + (f" (list `{data['train_list']}`)"
+                                                                          if data.get("train_list") else "")
+                 + f", {data['num_classes']} classes, ignore label {data['ignore_label']} |")
+    aug = [a for a, on in (("random scale", data["random_scale"]), ("mirror", data["random_mirror"])) if on]
+    lines.append(f"| crop | {data['crop_size'][0]}x{data['crop_size'][1]}" + (f", {' + '.join(aug)}" if aug else "") + " |")
+    lines.append(f"| schedule | {sched['optimizer']} lr {sched['lr']:g}, momentum {sched['momentum']:g}, weight decay "
+                 f"{sched['weight_decay']:g}, poly {sched['power']:g}"
+                 + (f", head lr x{sched['head_lr_mult']:g}" if sched["head_lr_mult"] != 1 else "")
+                 + (f", {sched['warmup_steps']} warm-up steps" if sched["warmup_steps"] else "")
+                 + f"; batch {sched['batch_size']}, {sched['num_steps']} steps, seed {sched['seed']} |")
+    lines.append(f"| evaluation | {training['evaluation']} |")
     return lines
 
 
@@ -88,18 +115,9 @@ def render_model_card(meta: dict[str, Any], files: dict[str, str]) -> str:
           if meta.get("onnx_input") == "raw" else []),
         "- Classes (train ids): " + ", ".join(f"{c['id']} {c['name']}" for c in meta["classes"]) + ".",
         "",
-        "## Data",
+        "## Training",
         "",
-        (f"Trained on `{meta['data']['data_dir']}`" + (f" (list `{meta['data']['data_list']}`)"
-                                                        if meta["data"].get("data_list") else "")
-         if meta.get("data") and meta["data"].get("data_dir") else "Training data not recorded (no `config.json`)")
-        + ". The paper's recipe is for Cityscapes fine annotations (2975 train / 500 val images, 19 classes)"
-        + (f"; these weights were evaluated on {val.get('num_images')} {val.get('split', 'val')} images."
-           if val else "."),
-        "",
-        "## Training recipe",
-        "",
-        *_recipe_lines(meta.get("recipe")),
+        *_training_lines(meta.get("training")),
         "",
         "## Per-class IoU",
         "",

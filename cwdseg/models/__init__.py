@@ -28,7 +28,7 @@ with Caffe-style BGR mean subtraction and no std: the original CWD code, and CIR
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from torch import nn
@@ -48,9 +48,12 @@ class ArchSpec:
     the input normalisation of its weights. ``family``: ``"cwd"`` (the original code's layout,
     InPlace-ABN, max pool in ceil mode) or ``"cirkd"`` (CIRKD's layout, BatchNorm2d, floor mode),
     which also decides the output size (see :func:`output_size`), or ``"segformer"`` (stride 4).
-    ``aux_head``: whether it has an auxiliary head. ``label``: the name papers use. ``head_prefixes``:
-    the state_dict prefixes of the head (every other parameter is the backbone / encoder): what a
-    recipe with a larger head learning rate (SegFormer's 10x) puts in the head's parameter group.
+    ``aux_head``: whether it has an auxiliary head. ``label``: the name papers use. ``taps``: friendly
+    names of the layers a distillation term may read (``cwdseg.distill.taps``), alias -> module path:
+    ``stage1``..``stage4`` (backbone stages, output stride 4, 8, 8, 8; SegFormer's 4, 8, 16, 32) and
+    ``head`` (the module whose output is the head feature, the third output). ``head_prefixes``: the
+    state_dict prefixes of the head (every other parameter is the backbone / encoder): what a recipe
+    with a larger head learning rate (SegFormer's 10x) puts in the head's parameter group.
     """
 
     builder: Callable[..., nn.Module]
@@ -59,25 +62,44 @@ class ArchSpec:
     family: str
     aux_head: bool
     label: str
+    taps: dict[str, str] = field(default_factory=dict)
     head_prefixes: tuple[str, ...] = ()
 
 
 _PSP_HEAD = ("pspmodule.", "head.", "dsn.")          # PSPNet (original layout)
 _CIRKD_HEAD = ("head.", "auxlayer.")                 # CIRKD's networks: backbone under pretrained.*
+
+
+# ResNets: the four stages; PSPNet (original layout) keeps them at the top level, CIRKD's models
+# under ``pretrained``. MobileNetV2 (``features`` 0..17): stage1 = features.3 (24 ch, stride 4),
+# stage2 = features.6 (32 ch, stride 8), stage3 = features.13 (96 ch), stage4 = features.17 (320 ch),
+# the last block of each resolution / width group. ``head``: the head feature's producer (in
+# DeepLabV3 ``head.block.3``, the Dropout after which the classifier runs).
+_PSP_TAPS = {**{f"stage{i}": f"layer{i}" for i in range(1, 5)}, "head": "pspmodule"}
+_V1S_TAPS = {f"stage{i}": f"pretrained.layer{i}" for i in range(1, 5)}
+_MBV2_TAPS = {f"stage{i}": f"pretrained.net.features.{b}" for i, b in zip(range(1, 5), (3, 6, 13, 17))}
+_DEEPLAB_HEAD = {"head": "head.block.3", "aspp": "head.aspp"}
+# SegFormer: the four encoder stages (strides 4, 8, 16, 32) and the decode head's ReLU, whose output is
+# the fused map (the head feature); cwdseg.models.segformer.SegFormer.taps gives the same maps by name.
+_SEGFORMER_TAPS = {**{f"stage{i}": f"segformer.stages.{i - 1}" for i in range(1, 5)}, "head": "decode_head.activation"}
 _SEGFORMER_HEAD = ("decode_head.",)
 
-
 ARCHS: dict[str, ArchSpec] = {
-    "pspnet_resnet18": ArchSpec(pspnet_resnet18, 128, "caffe_bgr", "cwd", True, "PSPNet-R18", _PSP_HEAD),
-    "pspnet_resnet101": ArchSpec(pspnet_resnet101, 512, "caffe_bgr", "cwd", True, "PSPNet-R101", _PSP_HEAD),
-    "deeplabv3_resnet18": ArchSpec(deeplabv3_resnet18, 128, "caffe_bgr", "cirkd", True, "DeepLabV3-R18", _CIRKD_HEAD),
-    "deeplabv3_resnet101": ArchSpec(deeplabv3_resnet101, 256, "caffe_bgr", "cirkd", True, "DeepLabV3-R101", _CIRKD_HEAD),
+    "pspnet_resnet18": ArchSpec(pspnet_resnet18, 128, "caffe_bgr", "cwd", True, "PSPNet-R18", _PSP_TAPS,
+                                _PSP_HEAD),
+    "pspnet_resnet101": ArchSpec(pspnet_resnet101, 512, "caffe_bgr", "cwd", True, "PSPNet-R101", _PSP_TAPS,
+                                 _PSP_HEAD),
+    "deeplabv3_resnet18": ArchSpec(deeplabv3_resnet18, 128, "caffe_bgr", "cirkd", True, "DeepLabV3-R18",
+                                   {**_V1S_TAPS, **_DEEPLAB_HEAD}, _CIRKD_HEAD),
+    "deeplabv3_resnet101": ArchSpec(deeplabv3_resnet101, 256, "caffe_bgr", "cirkd", True, "DeepLabV3-R101",
+                                    {**_V1S_TAPS, **_DEEPLAB_HEAD}, _CIRKD_HEAD),
     "deeplabv3_mobilenetv2": ArchSpec(deeplabv3_mobilenetv2, 128, "caffe_bgr", "cirkd", False, "DeepLabV3-MBv2",
-                                      _CIRKD_HEAD),
-    "pspnet_mobilenetv2": ArchSpec(pspnet_mobilenetv2, 128, "caffe_bgr", "cirkd", False, "PSPNet-MBv2", _CIRKD_HEAD),
+                                      {**_MBV2_TAPS, **_DEEPLAB_HEAD}, _CIRKD_HEAD),
+    "pspnet_mobilenetv2": ArchSpec(pspnet_mobilenetv2, 128, "caffe_bgr", "cirkd", False, "PSPNet-MBv2",
+                                   {**_MBV2_TAPS, "head": "head.block", "psp": "head.psp"}, _CIRKD_HEAD),
     # SegFormer (transformers' modules): decoder width 256 (B0/B1) or 768 (B2-B5), RGB ImageNet mean/std
     **{f"segformer_{v}": ArchSpec(builder, width, "imagenet_rgb", "segformer", False, f"SegFormer-{v.upper()}",
-                                  _SEGFORMER_HEAD)
+                                  _SEGFORMER_TAPS, _SEGFORMER_HEAD)
        for v, builder, width in (("b0", segformer_b0, 256), ("b1", segformer_b1, 256), ("b2", segformer_b2, 768),
                                  ("b3", segformer_b3, 768), ("b4", segformer_b4, 768), ("b5", segformer_b5, 768))},
 }

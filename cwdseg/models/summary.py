@@ -58,9 +58,11 @@ MAC_CONVENTIONS = ("true", "cirkd")
 AUX_HEAD_PREFIXES = ("dsn.", "auxlayer.")  # auxiliary heads: PSPNet's dsn, DeepLabV3's auxlayer
 
 
-def conv_macs_by_module(model: nn.Module, input_size: tuple[int, int], convention: str = "true") -> dict[str, int]:
+def conv_macs_by_module(model: nn.Module, input_size: tuple[int, int], convention: str = "true",
+                        in_channels: int = 3) -> dict[str, int]:
     """MACs of each ``nn.Conv2d`` / ``nn.Linear`` (by qualified name) for one forward of one
-    3-channel image of ``input_size`` = (H, W). The model is run in eval mode on meta tensors, its
+    ``in_channels``-channel input (an image: 3; a connector: the student's feature channels) of
+    ``input_size`` = (H, W). The model is run in eval mode on meta tensors, its
     weights and mode are left untouched. ``convention="cirkd"`` counts each conv at the output
     size CIRKD's ``utils/flops.py`` computes, which ignores dilation (see the module docstring)."""
     if convention not in MAC_CONVENTIONS:
@@ -106,7 +108,7 @@ def conv_macs_by_module(model: nn.Module, input_size: tuple[int, int], conventio
     try:
         model.eval()
         with torch.no_grad():
-            functional_call(model, meta_state, (torch.empty(1, 3, h, w, device="meta"),))
+            functional_call(model, meta_state, (torch.empty(1, in_channels, h, w, device="meta"),))
     finally:
         for handle in handles:
             handle.remove()
@@ -134,14 +136,15 @@ def _as_hw(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
 
 
 @functools.lru_cache(maxsize=None)
-def arch_macs(arch: str, height: int, width: int, aux: bool = True) -> int:
+def arch_macs(arch: str, height: int, width: int, aux: bool = True, num_classes: int = 19) -> int:
     """MACs of one image through ``build_model(arch)``, cached per (arch, size); the model is
     built on the meta device, so no memory or initialisation time is spent. ``aux=False`` leaves
-    out the auxiliary head (dsn / auxlayer), as ``model(x, aux=False)`` does."""
+    out the auxiliary head (dsn / auxlayer), as ``model(x, aux=False)`` does; ``num_classes`` sizes the
+    classifiers."""
     from cwdseg.models import build_model
 
     with torch.device("meta"):
-        model = build_model(arch)
+        model = build_model(arch, num_classes=num_classes)
     macs = conv_macs_by_module(model, (height, width))
     return sum(v for name, v in macs.items() if aux or not name.startswith(AUX_HEAD_PREFIXES))
 

@@ -40,10 +40,17 @@ def plot_class_iou_bars(results: Sequence[tuple[str, dict[str, float], float | N
     ax.set_ylim(0, 110)
     ax.legend(fontsize=8, loc="upper right")
     ax.set_title(title or "per-class IoU", fontsize=10)
+    return save_figure(fig, out_png, dpi=90)
+
+
+def save_figure(fig, out_png: str | Path, dpi: int) -> Path:
+    """Lay out ``fig``, write it as ``out_png`` (its folder created) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=90)
+    fig.savefig(out_png, dpi=dpi)
     plt.close(fig)
     return out_png
 

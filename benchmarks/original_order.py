@@ -2,7 +2,7 @@
 
 The original ``CSTrainValSet.__getitem__`` decodes, maps labels with a 35-step dict loop, scales (uint8),
 converts to float, subtracts a float64 mean, pads, crops, transposes and mirrors -- in that order.
-``benchmarks/bench_loader.py`` times it next to :mod:`cwdseg.data.cityscapes` and checks both give the
+``bench_loader.py`` (next to this file) times it next to :mod:`cwdseg.data.cityscapes` and checks both give the
 same sample. (The test suite keeps its own independent copy: it must not trust this one.)
 """
 from __future__ import annotations
