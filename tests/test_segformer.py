@@ -124,19 +124,13 @@ def test_output_size_is_the_stride4_of_the_forward(hw):
     assert output_size("segformer_b0", (1024, 2048)) == (256, 512)
 
 
-def test_adversarial_term_refuses_segformer_and_cnn_maps():
-    import argparse
+def test_segformer_and_cnn_maps_differ_for_the_adversarial_check():
+    from cwdseg.engine.build import maps_differ
 
-    from cwdseg.engine.build import model_pair_problems
-
-    args = argparse.Namespace(distill_terms={"adv": {"weight": 0.001, "d": 0.1, "gp": 10.0}},
-                              teacher_arch="segformer_b4", student_arch="pspnet_resnet18", input_size=(64, 64),
-                              teacher_normalization="imagenet_rgb", student_normalization="imagenet_rgb",
-                              allow_normalization_mismatch=False)
-    problems = model_pair_problems(args)
-    assert len(problems) == 1 and "16x16" in problems[0] and "9x9" in problems[0]
-    args.student_arch = "segformer_b0"
-    assert model_pair_problems(args) == []
+    # engine.build.model_pair_problems refuses --adv exactly when maps_differ (see the train.py test below)
+    assert maps_differ("segformer_b4", "pspnet_resnet18", (64, 64))        # 16x16 vs 9x9
+    assert maps_differ("deeplabv3_resnet101", "segformer_b0", (512, 512))  # 64x64 vs 128x128
+    assert not maps_differ("segformer_b4", "segformer_b0", (65, 97))
 
 
 # ------------------------------------------------------------------ forward
@@ -442,3 +436,8 @@ def test_pair_without_the_mismatch_flag_is_refused_on_normalisation(synthetic, t
                 *TRAIN_FLAGS], cwd=ROOT)
     assert proc.returncode == 2
     assert "expects caffe_bgr input but the student segformer_b0 expects imagenet_rgb" in proc.stderr
+    proc = run([__import__("sys").executable, "train.py", "--data-dir", str(synthetic), "--save-dir", str(tmp_path),
+                "--teacher-arch", "segformer_b4", "--student-arch", "pspnet_resnet18", "--distill", "kd=1", "adv=0.001",
+                "--allow-normalization-mismatch", *TRAIN_FLAGS], cwd=ROOT)
+    assert proc.returncode == 2
+    assert "the teacher segformer_b4 gives 16x16 maps and the student pspnet_resnet18 9x9" in proc.stderr
