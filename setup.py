@@ -34,6 +34,9 @@ setup(
         # tools/run_grid.py on a Slurm cluster; PyAV for video files OpenCV cannot read
         "cluster": ["submitit>=1.5"],
         "video": ["av>=12"],
+        # SegFormer (segformer_b0 ... b5): transformers' modules; pinned because the model's state_dict keys
+        # are transformers' in-memory names (5.x renamed them); it installs beside any torch >= 2.1
+        "segformer": ["transformers==5.23.0", "safetensors>=0.4"],
         # train.py --log-to: each tracker's own client (tested with tensorboard 2.21.0, mlflow-skinny 3.18.0,
         # wandb 0.31.0; none pulls torch; the three install in ~25 s)
         "tensorboard": ["tensorboard>=2.16,<3"],
@@ -41,6 +44,7 @@ setup(
         "wandb": ["wandb>=0.20,<1"],
         "test": ["pytest>=7", "pyspng>=0.1.2", "onnx>=1.14", "onnxruntime>=1.16", "onnxscript>=0.1",
                  "safetensors>=0.4", "submitit>=1.5", "av>=12",
-                 "tensorboard>=2.16,<3", "mlflow-skinny>=2.16,<4", "wandb>=0.20,<1", "ruff==0.17.6"],
+                 "tensorboard>=2.16,<3", "mlflow-skinny>=2.16,<4", "wandb>=0.20,<1", "ruff==0.17.6",
+                 "transformers==5.23.0", "scipy>=1.9"],
     },
 )

@@ -15,6 +15,8 @@ PNGs, or from the memory-mapped image cache) and reports the time each step wait
     python benchmarks/bench_train.py --crop 512 512 --batch 8 --device cuda --loader cache   # the paper recipe on a GPU
     python benchmarks/bench_train.py --student-arch resnet18 deeplabv3_resnet18 deeplabv3_mobilenetv2 \
         --teacher-arch deeplabv3_resnet101                # each student of the CIRKD protocol, one table each
+    python benchmarks/bench_train.py --student-arch segformer_b0 --teacher-arch segformer_b4 \
+        --settings "fp32 NCHW eager" "bf16 NCHW"          # SegFormer-B4 -> B0 (the CIRKD SegFormer pair)
 """
 from __future__ import annotations
 
@@ -202,6 +204,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--student-arch", nargs="+", default=["resnet18"],
                    help="student network(s) (cwdseg.models.ARCH_NAMES); one table per student")
     p.add_argument("--teacher-arch", default="resnet101", help="teacher network of the distillation recipes")
+    p.add_argument("--settings", nargs="+", default=None, choices=list(SETTINGS),
+                   help="measure only these settings (the first is the reference row); default: all but compile")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: measure one setting, print JSON
     a = p.parse_args(argv)
@@ -214,7 +218,8 @@ def main(argv: list[str] | None = None) -> None:
         a.steps, a.warmup = 2, 1
     rows = []
     for student in a.student_arch:
-        student_rows = run(tuple(a.crop), a.batch, a.steps, a.warmup, a.device, a.recipe, with_compile=a.compile,
+        student_rows = run(tuple(a.crop), a.batch, a.steps, a.warmup, a.device, a.recipe, settings=a.settings,
+                           with_compile=a.compile,
                            loader=a.loader, student_arch=student, teacher_arch=a.teacher_arch)
         teacher = f", teacher {a.teacher_arch}" if a.recipe != "baseline" else ""
         print(format_table(student_rows, f"training step, student {student}{teacher}, {a.recipe}, batch {a.batch}, "

@@ -137,10 +137,12 @@ def load_state_dict_file(path: str | os.PathLike) -> "OrderedDict[str, torch.Ten
     gives its student weights. Raises :class:`CheckpointError` for a missing or unreadable file, a
     pickle with code, or anything that is not a dict of tensors.
     """
+    if Path(path).is_dir():  # a Hugging Face SegFormer folder (see the SegFormer section at the end)
+        return _as_toolkit_layout(read_hf_folder(path), path)
     obj = _torch_load(path)
     if isinstance(obj, dict) and isinstance(obj.get("student"), dict):
         return _check_tensor_dict(obj["student"], path, "['student']")
-    return _check_tensor_dict(obj, path)
+    return _as_toolkit_layout(_check_tensor_dict(_segformer_container(obj), path), path)
 
 
 def load_checkpoint_dict(path: str | os.PathLike) -> dict:
@@ -192,7 +194,11 @@ def infer_arch(state_dict: dict) -> str:
     """The registry name (``cwdseg.models.ARCHS``) of the network a state_dict holds, read from
     its key names and shapes: the original layout (top-level ``conv1``.., either PSPNet teacher
     layout, or a CSAIL ImageNet ResNet) -> ``pspnet_resnet18`` / ``pspnet_resnet101``; CIRKD's
-    (``pretrained.*`` + ``head.aspp.*``) -> ``deeplabv3_resnet18`` / ``_resnet101`` / ``_mobilenetv2``."""
+    (``pretrained.*`` + ``head.aspp.*``) -> ``deeplabv3_resnet18`` / ``_resnet101`` / ``_mobilenetv2``;
+    any SegFormer layout -> ``segformer_b0`` ... ``_b5``."""
+    segformer = infer_segformer_arch(state_dict)
+    if segformer is not None:
+        return segformer
     if any(k.startswith("pretrained.") for k in state_dict):
         if any(k.startswith("head.psp.") for k in state_dict):
             if _is_mobilenetv2(state_dict, "pretrained.net."):
@@ -383,6 +389,8 @@ def load_imagenet_backbone(model: nn.Module, path: str | os.PathLike, verbose: b
     Returns ``{"loaded": [...], "skipped": [...], "not_loaded": [...]}``: model keys loaded, file keys
     skipped, model keys left at their initialisation; prints a summary when ``verbose``.
     """
+    if isinstance(unwrap_model(model), SegFormer):  # MiT encoder files (see the SegFormer section)
+        return load_segformer_encoder(model, path, verbose)
     raw = load_state_dict_file(path)
     net = unwrap_model(model)
     prefix = imagenet_prefix(net)
@@ -571,3 +579,138 @@ def state_dict_digest(state_dict: dict[str, torch.Tensor]) -> str:
         h.update(key.encode())
         h.update(state_dict[key].detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# SegFormer / MiT files (issue 23). The key renaming lives in cwdseg.models.segformer_keys; this
+# section reads the files. Accepted: a Hugging Face model folder (config.json + model.safetensors
+# or pytorch_model.bin: ``nvidia/segformer-b*-finetuned-*``, ``nvidia/mit-b*``), CIRKD's / NVlabs'
+# ``.pth`` (``patch_embed1.*``, ``block1.0.attn.kv.*``, ``linear_fuse.*``; ImageNet ``mit_b*.pth``)
+# and mmseg's MiT (``layers.*``, optionally under ``backbone.`` in a ``{'meta', 'state_dict'}`` file;
+# the encoder only: mmseg's SegformerHead is another network). Every such file is renamed to the
+# toolkit's keys when read, so load_teacher / load_student / evaluate's load_model take it as they are.
+
+from cwdseg.models.segformer import SegFormer  # noqa: E402
+from cwdseg.models.segformer_keys import SegformerKeyError, detect_layout, infer_variant, to_toolkit  # noqa: E402
+
+SEGFORMER_FILES_HELP = ("SegFormer files: a Hugging Face folder with config.json and model.safetensors (or "
+                        "pytorch_model.bin), e.g. nvidia/segformer-b0-finetuned-cityscapes-1024-1024 or the ImageNet "
+                        "encoder nvidia/mit-b0 (download it with `hf download nvidia/mit-b0 --local-dir ckpt/mit-b0`), "
+                        "CIRKD's / NVlabs' .pth (mit_b0.pth) or an mmseg MiT file (mit2mmseg.py output)")
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def read_hf_folder(path: str | os.PathLike) -> "OrderedDict[str, torch.Tensor]":
+    """The tensors of a Hugging Face SegFormer folder, as stored (hub key names). ``config.json`` must
+    say ``"model_type": "segformer"``; weights from ``model.safetensors`` (safetensors) or
+    ``pytorch_model.bin`` (torch.load weights_only). Nothing is downloaded."""
+    import json
+
+    folder = Path(path)
+    config = folder / "config.json"
+    if not config.is_file():
+        raise CheckpointError(f"{folder}: a folder without config.json is not a Hugging Face model folder; "
+                              f"{SEGFORMER_FILES_HELP}")
+    try:
+        model_type = json.loads(config.read_text()).get("model_type")
+    except (ValueError, OSError) as e:
+        raise CheckpointError(f"{config}: cannot be read as JSON ({e}); download the folder again") from e
+    if model_type != "segformer":
+        raise CheckpointError(f"{config}: model_type is {model_type!r}, not 'segformer'; only SegFormer folders are "
+                              "read from Hugging Face")
+    for name in HF_WEIGHT_FILES:
+        weights = folder / name
+        if weights.is_file():
+            break
+    else:
+        sharded = sorted(p.name for p in folder.glob("*.index.json"))
+        raise CheckpointError(f"{folder}: no {' or '.join(HF_WEIGHT_FILES)} beside config.json"
+                              + (f" (found the sharded index {sharded[0]}: merge the shards into one file)" if sharded
+                                 else "; download the weights too"))
+    if weights.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            return OrderedDict(load_file(str(weights), device="cpu"))
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{weights}: cannot be read as safetensors ({e}); download it again") from e
+    return _check_tensor_dict(_torch_load(weights), weights)
+
+
+def _segformer_container(obj: Any) -> Any:
+    """The state dict inside an mmseg (``{'meta', 'state_dict'}``) or NVlabs (``{'model'}``) SegFormer file;
+    any other object as it is."""
+    if isinstance(obj, dict):
+        for entry in ("state_dict", "model"):
+            inner = obj.get(entry)
+            if isinstance(inner, dict) and detect_layout(inner) is not None:
+                return inner
+    return obj
+
+
+def _segformer_to_toolkit(sd: "OrderedDict[str, torch.Tensor]", path: Any,
+                          encoder_only: bool = False) -> "tuple[OrderedDict[str, torch.Tensor], list[str]]":
+    try:
+        renamed, dropped, _ = to_toolkit(sd, encoder_only=encoder_only)
+    except SegformerKeyError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    return renamed, dropped
+
+
+def _as_toolkit_layout(sd: "OrderedDict[str, torch.Tensor]", path: Any) -> "OrderedDict[str, torch.Tensor]":
+    """A SegFormer dict in a foreign layout renamed to the toolkit's; any other dict as it is."""
+    if detect_layout(sd) in (None, "toolkit"):
+        return sd
+    return _segformer_to_toolkit(sd, path)[0]
+
+
+def _read_segformer_raw(path: str | os.PathLike) -> "OrderedDict[str, torch.Tensor]":
+    if Path(path).is_dir():
+        return read_hf_folder(path)
+    return _check_tensor_dict(_segformer_container(_torch_load(path)), path)
+
+
+def infer_segformer_arch(state_dict: dict) -> str | None:
+    """``"segformer_b0"`` ... ``"segformer_b5"`` for a SegFormer state dict (any layout), None for another
+    network; a SegFormer whose widths / depths fit no published variant is a :class:`CheckpointError`."""
+    if detect_layout(state_dict) is None:
+        return None
+    sd = _as_toolkit_layout(OrderedDict(state_dict), "state_dict")
+    variant = infer_variant(sd)
+    if variant is None:
+        widths = [tuple(sd[k].shape)[0] for k in sd if k.endswith("patch_embeddings.proj.weight")]
+        raise CheckpointError(f"a SegFormer with stage widths {widths} that fits none of the published MiT-B0..B5 "
+                              "configurations (cwdseg.models.segformer.SEGFORMER_VARIANTS)")
+    return f"segformer_{variant}"
+
+
+def load_segformer_encoder(model: nn.Module, path: str | os.PathLike, verbose: bool = True) -> dict[str, list[str]]:
+    """ImageNet initialisation of a SegFormer student: the MiT encoder from ``path`` (an ``nvidia/mit-b*``
+    folder, NVlabs' ``mit_b*.pth``, an mmseg MiT file, or any SegFormer file's encoder); the decode head keeps
+    its initialisation. Every encoder key of the model must be in the file with its shape (else a
+    :class:`CheckpointError` listing them). Returns ``{"loaded", "skipped", "not_loaded"}`` as
+    :func:`load_imagenet_backbone`."""
+    net = unwrap_model(model)
+    raw = _read_segformer_raw(path)
+    sd, dropped = _segformer_to_toolkit(raw, path, encoder_only=True)
+    target = _drop_counters(net.state_dict())
+    encoder = [k for k in target if k.startswith("segformer.")]
+    missing = [k for k in encoder if k not in sd]
+    unexpected = [k for k in sd if k not in target]
+    mismatched = [(k, tuple(sd[k].shape), tuple(target[k].shape)) for k in encoder
+                  if k in sd and sd[k].shape != target[k].shape]
+    if missing or unexpected or mismatched:
+        hints = []
+        found = infer_variant(sd)
+        if found is not None:
+            hints.append(f"the file holds a MiT-{found.upper()} encoder: pass --student-arch segformer_{found} "
+                         "or the encoder file of the student's variant")
+        raise CheckpointError(_mismatch_report(path, "encoder of the SegFormer student (ImageNet initialisation)",
+                                               missing, unexpected, mismatched, hints))
+    net.load_state_dict(sd, strict=False)
+    report = {"loaded": encoder, "skipped": dropped, "not_loaded": [k for k in target if k not in sd]}
+    if verbose:
+        print(f"ImageNet initialisation from {path}: loaded {len(encoder)} encoder tensors; skipped "
+              f"{len(dropped)} file entries ({_short(dropped)}); {len(report['not_loaded'])} decode-head tensors keep "
+              "their initialisation")
+    return report

@@ -14,6 +14,7 @@ from cwdseg.models.summary import conv_macs_by_module, count_parameters
 PARTS = {
     "cwd": (("backbone", ("conv", "bn", "layer")), ("psp head", ("pspmodule", "head")), ("dsn (aux)", ("dsn",))),
     "cirkd": (("backbone", ("pretrained",)), ("head", ("head",)), ("aux head", ("auxlayer",))),
+    "segformer": (("encoder", ("segformer",)), ("head", ("decode_head",))),  # MACs include attention matmuls
 }
 
 
