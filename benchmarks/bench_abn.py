@@ -24,11 +24,11 @@ import os
 import socket
 from pathlib import Path
 
+import stats
 import torch
 import torch.distributed as dist
 from torch.utils import benchmark as tbench
 
-import stats
 from cwdseg.models.abn import ABN, convert_sync_abn
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

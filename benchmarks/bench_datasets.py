@@ -9,15 +9,17 @@ and ours (``cwdseg.data.registry.build_dataset``) alternately, checks the output
 prints the medians and their ratio (ours / float; below 1 is faster).
 """
 import argparse
-import tempfile
 import statistics
+import tempfile
 import time
 
 import cv2
 import numpy as np
 from PIL import Image
+
 from cwdseg.data.registry import build_dataset
 from cwdseg.data.synthetic_zoo import generate_dataset
+
 cv2.setNumThreads(1)
 SIZES = {"pascal_voc": (375, 500), "ade20k": (512, 683), "camvid": (360, 480)}
 CROPS = {"pascal_voc": (512, 512), "ade20k": (512, 512), "camvid": (360, 360)}

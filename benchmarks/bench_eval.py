@@ -20,9 +20,8 @@ if __package__:  # imported as benchmarks.bench_eval (tests/test_evaluate.py)
 else:  # run as a script, or imported as a sibling by run.py
     import stats
 from cwdseg.engine.precision import AMP_DTYPES
-from cwdseg.models import build_model
 from cwdseg.evaluation.inference import predict_logits, sliding_windows
-
+from cwdseg.models import build_model
 
 
 def _sync(device: torch.device) -> None:

@@ -38,11 +38,11 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import torch
-
 import stats
-from cwdseg.data.cityscapes import CityscapesDataset, build_loader
+import torch
 from original_order import original_sample
+
+from cwdseg.data.cityscapes import CityscapesDataset, build_loader
 from cwdseg.data.sampling import TrainSampleStream
 from cwdseg.data.synthetic import generate
 

@@ -23,17 +23,12 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import stats
 import torch
 from torch import nn
 
-import stats
-
 ROOT = Path(__file__).resolve().parents[1]
 
-from cwdseg.models import build_model
-from cwdseg.models.summary import arch_macs
-from cwdseg.models.connector import FeatureConnector
-from cwdseg.models.discriminator import Discriminator
 from cwdseg.distill import (
     CriterionCWD,
     CriterionDSN,
@@ -41,17 +36,21 @@ from cwdseg.distill import (
     discriminator_wgan_gp_loss,
     generator_adversarial_loss,
 )
+from cwdseg.distill.afdcd import CriterionAfDCD
 from cwdseg.distill.at import CriterionAT
+from cwdseg.distill.bpkd import CriterionBPKD
+from cwdseg.distill.cirkd import CriterionCIRKDMemory, CriterionCIRKDMiniBatch
 from cwdseg.distill.dist import CriterionDIST
 from cwdseg.distill.fitnet import CriterionFitNet
 from cwdseg.distill.ifvd import CriterionIFV
 from cwdseg.distill.local import CriterionLocal
-from cwdseg.distill.pairwise import CriterionPairWise
-from cwdseg.distill.afdcd import CriterionAfDCD
-from cwdseg.distill.bpkd import CriterionBPKD
-from cwdseg.distill.cirkd import CriterionCIRKDMemory, CriterionCIRKDMiniBatch
 from cwdseg.distill.lskd import CriterionLSKD
 from cwdseg.distill.mgd import CriterionMGD
+from cwdseg.distill.pairwise import CriterionPairWise
+from cwdseg.models import build_model
+from cwdseg.models.connector import FeatureConnector
+from cwdseg.models.discriminator import Discriminator
+from cwdseg.models.summary import arch_macs
 
 NUM_CLASSES = 19
 

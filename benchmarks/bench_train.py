@@ -74,7 +74,7 @@ def measure_one(setting: str, crop: tuple[int, int], batch: int, steps: int, war
     """Time each of ``steps`` calls of train_step after ``warmup`` calls; runs in the current process."""
     import torch
 
-    from cwdseg.cli.train import resolve_args
+    from cwdseg.cli.train import resolve_config
     from cwdseg.engine.build import build_criteria, build_engine, build_models, build_optimizers
     from cwdseg.engine.distributed import DistInfo, peak_memory_mb, resolve_device
     from cwdseg.engine.step import train_step
@@ -85,22 +85,22 @@ def measure_one(setting: str, crop: tuple[int, int], batch: int, steps: int, war
         "cwd-kd-adv": ["--cwd", "True", "--kd", "True", "--adv", "True"],
         "baseline": [],
     }[recipe]
-    args = resolve_args([
+    cfg = resolve_config([
         "--amp", amp, "--channels-last", str(channels_last), "--compile", str(compile_), "--device", device,
         "--input-size", f"{crop[0]},{crop[1]}", "--batch-size", str(batch), "--teacher-ckpt", "random",
         "--student-init", "random", "--student-arch", student_arch, "--teacher-arch", teacher_arch, *recipe_flags,
     ])
     torch.manual_seed(0)
     info = DistInfo(device=resolve_device(device))
-    engine = build_engine(args, info)
+    engine = build_engine(cfg, info)
     quiet = lambda *_: None  # noqa: E731
     import contextlib
     import io
 
     with contextlib.redirect_stderr(io.StringIO()):  # the random-weights warnings
-        models = build_models(args, info, quiet)
-    criteria, weights = build_criteria(args)
-    opt_g, opt_d = build_optimizers(args, models)
+        models = build_models(cfg, info, quiet)
+    criteria, weights = build_criteria(cfg, models, info.device)
+    opt_g, opt_d = build_optimizers(cfg, models, criteria)
     mem = torch.channels_last if channels_last else torch.contiguous_format
     images = torch.randn(batch, 3, *crop, device=info.device).to(memory_format=mem)
     labels = torch.randint(0, 19, (batch, *crop), device=info.device)
@@ -133,7 +133,8 @@ def measure_one(setting: str, crop: tuple[int, int], batch: int, steps: int, war
     from cwdseg.engine.runlog import peak_tflops
     from cwdseg.models.summary import training_step_flops
 
-    flops = training_step_flops(args.student_arch, args.teacher_arch if models.teacher is not None else None, crop, batch)
+    flops = training_step_flops(cfg.models.student_arch, cfg.models.teacher_arch if models.teacher is not None else None,
+                                crop, batch)
     per_step = stats.summarize(times)
     seconds = per_step.median
     peak = peak_tflops(info.device)

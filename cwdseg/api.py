@@ -32,8 +32,15 @@ from cwdseg.data.labels import CLASS_NAMES, NUM_CLASSES, TRAIN_ID_COLORS
 from cwdseg.data.transforms import NORMALIZATIONS, Normalization
 from cwdseg.engine.distributed import resolve_device
 from cwdseg.evaluation.inference import network_input, predict_ids, predict_probabilities
-from cwdseg.evaluation.loop import EvaluationError, _as_amp_dtype, build_eval_dataset, build_eval_loader, \
-    evaluate_model, load_model_file, sha256_file
+from cwdseg.evaluation.loop import (
+    EvaluationError,
+    _as_amp_dtype,
+    build_eval_dataset,
+    build_eval_loader,
+    evaluate_model,
+    load_model_file,
+    sha256_file,
+)
 from cwdseg.evaluation.media import read_image
 from cwdseg.export.normalization import from_dict, to_dict
 
@@ -63,7 +70,7 @@ def load_network(path: str | os.PathLike, device: torch.device | str = "cpu", nu
     ``arch`` (a ``.pth``'s expected architecture, an alias works) must agree with the file.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.is_file() and not (path.is_dir() and (path / "config.json").is_file()):  # or a Hugging Face folder
         raise CheckpointError(f"{path}: no such file; give a .pth checkpoint or a .safetensors/.onnx export")
     suffix = path.suffix.lower()
     device = torch.device(device)

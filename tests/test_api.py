@@ -14,11 +14,11 @@ import torch
 
 import cwdseg
 from cwdseg.checkpoint import CheckpointError
-from cwdseg.evaluation.loop import EvaluationError
 from cwdseg.cli import evaluate as evaluate_cli
 from cwdseg.cli import predict as predict_cli
 from cwdseg.data.labels import CLASS_NAMES, TRAIN_ID_COLORS
 from cwdseg.data.synthetic import generate
+from cwdseg.evaluation.loop import EvaluationError
 from tests.factories import random_state_dict, write_cirkd_deeplabv3, write_legacy_student
 
 SIZE = (32, 64)  # small: a PSPNet-R18 forward at 32x64 takes ~0.2 s on a busy 2-core CPU

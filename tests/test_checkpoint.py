@@ -9,12 +9,17 @@ import pytest
 import torch
 from torch import nn
 
-from cwdseg.models import build_model
 from cwdseg import checkpoint as ckpt
 from cwdseg.checkpoint import CheckpointError
+from cwdseg.models import build_model
 from tests.factories import (
-    csail_resnet18_state_dict, pspnet_key_shapes, random_state_dict, write_csail_resnet18, write_legacy_student,
-    write_legacy_teacher, write_torchvision_resnet18,
+    csail_resnet18_state_dict,
+    pspnet_key_shapes,
+    random_state_dict,
+    write_csail_resnet18,
+    write_legacy_student,
+    write_legacy_teacher,
+    write_torchvision_resnet18,
 )
 
 STUDENT_KEYS = [k for k, _ in pspnet_key_shapes("resnet18")]

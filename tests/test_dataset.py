@@ -7,7 +7,6 @@ minus float64 mean -> pad -> crop -> CHW -> [mirror]); the label table comes fro
 from __future__ import annotations
 
 import itertools
-
 import os
 import shutil
 from pathlib import Path
@@ -18,6 +17,7 @@ import pytest
 import torch
 from cityscapesscripts.helpers.labels import labels as cs_labels
 
+import cwdseg.data.cityscapes as dataset_io
 from cwdseg.data import (
     CLASS_NAMES,
     IGNORE_LABEL,
@@ -35,7 +35,6 @@ from cwdseg.data import (
 )
 from cwdseg.data.labels import LABELS
 from cwdseg.data.sampling import TrainSampleStream
-import cwdseg.data.cityscapes as dataset_io
 from cwdseg.data.synthetic import generate
 from cwdseg.data.transforms import preprocess
 

@@ -7,15 +7,14 @@ import math
 import pytest
 import torch
 
+from cwdseg.cli.train_config import resolve_terms
 from cwdseg.distill.at import CriterionAT
 from cwdseg.distill.dist import CriterionDIST
 from cwdseg.distill.fitnet import CriterionFitNet
 from cwdseg.distill.ifvd import CriterionIFV
 from cwdseg.distill.local import CriterionLocal
 from cwdseg.distill.pairwise import CriterionPairWise
-from cwdseg.cli.train_config import resolve_terms
-from cwdseg.distill.registry import (METHODS, PRESETS, TABLE2, TERM_NAMES, DistillSpecError, build_term,
-                                     parse_distill)
+from cwdseg.distill.registry import METHODS, PRESETS, TABLE2, TERM_NAMES, DistillSpecError, build_term, parse_distill
 
 N, H, W = 2, 7, 6
 IGNORE = 255

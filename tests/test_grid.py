@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cwdseg.engine.grid import GridError, TrainJob, job_env, job_status, make_executor, plan_grid, submit, \
-    train_command
+from cwdseg.engine.grid import GridError, TrainJob, job_env, job_status, make_executor, plan_grid, submit, train_command
 from cwdseg.evaluation.summary import SummaryError, _throughput_and_hours, load_run
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,8 +10,15 @@ from cwdseg import checkpoint as ckpt
 from cwdseg.models import ARCHS, FEATURE_CHANNELS, NORMALIZATION, arch_spec, build_model, canonical_arch, output_size
 from cwdseg.models.deeplabv3 import DeepLabHead
 from cwdseg.models.summary import conv_macs_by_module, count_parameters
-from tests.factories import (cirkd_imagenet_state_dict, cirkd_state_dict, deeplabv3_key_shapes, fill_state_dict,
-                             pspnet_mobile_key_shapes, write_cirkd_deeplabv3, write_cirkd_imagenet)
+from tests.factories import (
+    cirkd_imagenet_state_dict,
+    cirkd_state_dict,
+    deeplabv3_key_shapes,
+    fill_state_dict,
+    pspnet_mobile_key_shapes,
+    write_cirkd_deeplabv3,
+    write_cirkd_imagenet,
+)
 
 NEW = {"deeplabv3_resnet18": "resnet18", "deeplabv3_resnet101": "resnet101", "deeplabv3_mobilenetv2": "mobilenetv2"}
 

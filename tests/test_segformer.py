@@ -16,8 +16,7 @@ import torch.nn.functional as F
 transformers = pytest.importorskip("transformers")
 
 from cwdseg import checkpoint as ckpt  # noqa: E402
-from cwdseg.models import (FEATURE_CHANNELS, NORMALIZATION, build_model, is_head_parameter,  # noqa: E402
-                           output_size)
+from cwdseg.models import FEATURE_CHANNELS, NORMALIZATION, build_model, is_head_parameter, output_size  # noqa: E402
 from cwdseg.models.segformer import SegFormer, segformer_config  # noqa: E402
 
 TINY = dict(num_labels=5, hidden_sizes=[8, 16, 24, 32], depths=[1, 2, 1, 1], num_attention_heads=[1, 2, 2, 4],

@@ -14,7 +14,8 @@ import cv2
 import numpy as np
 import pytest
 from cityscapesscripts.helpers.csHelpers import getCsFileInfo
-from cityscapesscripts.helpers.labels import id2label, labels as cs_labels
+from cityscapesscripts.helpers.labels import id2label
+from cityscapesscripts.helpers.labels import labels as cs_labels
 
 from cwdseg.data import CityscapesDataset, scan_split
 from cwdseg.data.synthetic import MARKER_FILE, SPLIT_CITIES, generate, main

@@ -6,11 +6,17 @@ import pytest
 import torch
 from torch import nn
 
-from cwdseg.evaluation.loop import build_eval_dataset, load_model
-from cwdseg.evaluation.teacher_check import FLOOR, MARGIN, TeacherCheckError, check_teacher, default_threshold, \
-    run_threshold
-from cwdseg.models import NORMALIZATION
 from cwdseg.data.transforms import NORMALIZATIONS
+from cwdseg.evaluation.loop import build_eval_dataset, load_model
+from cwdseg.evaluation.teacher_check import (
+    FLOOR,
+    MARGIN,
+    TeacherCheckError,
+    check_teacher,
+    default_threshold,
+    run_threshold,
+)
+from cwdseg.models import NORMALIZATION
 from tests.factories import write_legacy_teacher
 
 

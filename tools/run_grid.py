@@ -30,8 +30,18 @@ from dataclasses import replace
 
 from cwdseg.distill.registry import PRESETS, TABLE2
 from cwdseg.engine.compute import step_cost_of_config
-from cwdseg.engine.grid import BUDGETS, GridError, apply_budget, make_executor, plan_grid, run_local, \
-    seconds_per_step, submit, with_num_steps, write_manifest
+from cwdseg.engine.grid import (
+    BUDGETS,
+    GridError,
+    apply_budget,
+    make_executor,
+    plan_grid,
+    run_local,
+    seconds_per_step,
+    submit,
+    with_num_steps,
+    write_manifest,
+)
 from cwdseg.evaluation.summary import SummaryError, load_run, summarize, to_markdown, write_summary
 
 

@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # A toolkit student file says what it is (architecture, classes, input, dataset); foreign files are
     # recognised by their keys, with --dataset / --num-classes from the command line.
     restore = Path(args.restore_from)
-    if restore.is_dir():
+    if restore.is_dir() and not (restore / "config.json").is_file():  # a Hugging Face folder is a network
         parser.error(f"--restore-from {restore}: is a folder, not a checkpoint file; pass one of its files "
                      f"(e.g. {next(iter(sorted(restore.glob('*.pth'))), restore / 'city_<step>_G.pth')})")
     segmenter = load(args.restore_from, device=device, num_classes=args.num_classes, arch=args.arch,

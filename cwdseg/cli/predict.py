@@ -143,10 +143,10 @@ def _read_classes_file(path: str) -> dict[str, Any]:
 def load_predictor(args: argparse.Namespace, device: torch.device) -> Predictor:
     """The network of ``--restore-from`` (.pth / .safetensors / .onnx) with its normalisation and classes."""
     path = Path(args.restore_from)
-    if path.is_dir():
+    if path.is_dir() and not (path / "config.json").is_file():  # a Hugging Face folder is a network
         raise PredictError(f"--restore-from {path}: is a folder, not a checkpoint file; pass a file in it "
                            f"(.pth, .safetensors or .onnx)")
-    if not path.is_file():
+    if not path.exists():
         raise PredictError(f"--restore-from {path}: no such file")
     # as cwdseg.load reads files
     model, arch, meta, is_onnx = load_network(path, device, args.num_classes, dataset=args.dataset)

@@ -22,6 +22,7 @@ from typing import Any
 
 from cwdseg import checkpoint as ckpt
 from cwdseg.cli.checks import train_value_errors
+from cwdseg.cli.parser import ArgumentParser
 from cwdseg.cli.train_config import RECIPE_NAMES, build_config, config_yaml, default_for
 from cwdseg.config import ConfigError, RunConfig, to_dict
 from cwdseg.data import DatasetError
@@ -30,13 +31,31 @@ from cwdseg.data.transforms import NORMALIZATIONS
 from cwdseg.distill.registry import PRESETS, TERM_NAMES, DistillSpecError
 from cwdseg.distill.taps import TapError
 from cwdseg.engine import runlock
-from cwdseg.engine.build import RANDOM, build_criteria, build_engine, build_models, build_optimizers, \
-    model_pair_problems
+from cwdseg.engine.build import (
+    RANDOM,
+    build_criteria,
+    build_engine,
+    build_models,
+    build_optimizers,
+    model_pair_problems,
+)
 from cwdseg.engine.distributed import DeviceError, barrier, cleanup, init_distributed
 from cwdseg.engine.precision import AMP_CHOICES
-from cwdseg.engine.run import RunSetupError, Validation, build_train_loader, build_trackers, check_teacher_first, \
-    finish_run, log_model_pair, next_micro_batches, prepare_run, removed_on_failure, resume_step, student_meta, \
-    write_config
+from cwdseg.engine.run import (
+    RunSetupError,
+    Validation,
+    build_trackers,
+    build_train_loader,
+    check_teacher_first,
+    finish_run,
+    log_model_pair,
+    next_micro_batches,
+    prepare_run,
+    removed_on_failure,
+    resume_step,
+    student_meta,
+    write_config,
+)
 from cwdseg.engine.runlog import RunLog, StepWindow, peak_tflops
 from cwdseg.engine.signals import STOP_SIGNAL_CHOICES, StopRequest, resume_hint
 from cwdseg.engine.state import save_last
@@ -78,7 +97,7 @@ def input_size(value: str) -> tuple[int, int]:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description="Knowledge distillation for semantic segmentation: any registered teacher -> student, "
                     "15+ distillation terms, recipe files (configs/) and the original CWD flags.",
         formatter_class=DefaultsFromConfig, allow_abbrev=False, argument_default=argparse.SUPPRESS,

@@ -1,5 +1,6 @@
 """Datasets: Cityscapes (label table, lists, Dataset/DataLoader) and the registry of the other layouts
 (pascal_voc, ade20k, camvid, folder: ``cwdseg.data.registry``), preprocessing, synthetic generators."""
+from cwdseg.data.base import SegmentationDataset
 from cwdseg.data.cityscapes import (
     IMG_MEAN_BGR,
     CityscapesDataset,
@@ -12,6 +13,7 @@ from cwdseg.data.cityscapes import (
     scan_split,
     worker_init_fn,
 )
+from cwdseg.data.info import DatasetInfo
 from cwdseg.data.labels import (
     CLASS_NAMES,
     IGNORE_LABEL,
@@ -20,8 +22,6 @@ from cwdseg.data.labels import (
     TRAIN_ID_COLORS,
     TRAIN_ID_TO_LABEL_ID,
 )
-from cwdseg.data.base import SegmentationDataset
-from cwdseg.data.info import DatasetInfo
 from cwdseg.data.registry import DATASETS, build_dataset, dataset_info
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-
 from pathlib import Path
 
 from cwdseg.data.cityscapes import CityscapesDataset, DatasetError

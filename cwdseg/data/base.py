@@ -16,9 +16,16 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from cwdseg.data.cityscapes import DatasetError, Sample, _decode, _read_bytes, check_pair_sizes, read_image, \
-    read_list_file
 from cwdseg.data.cache import open_image_cache
+from cwdseg.data.cityscapes import (
+    DatasetError,
+    Sample,
+    _decode,
+    _read_bytes,
+    check_pair_sizes,
+    read_image,
+    read_list_file,
+)
 from cwdseg.data.info import IGNORE_INDEX, DatasetInfo
 from cwdseg.data.sampling import sample_key
 from cwdseg.data.transforms import CAFFE_BGR, Normalization, preprocess

@@ -15,16 +15,16 @@
 - :mod:`cwdseg.distill.registry`: the terms by name, what each needs, the ``--distill`` parser, presets.
 """
 from cwdseg.distill.adversarial import discriminator_wgan_gp_loss, generator_adversarial_loss, gradient_penalty
-from cwdseg.distill.cwd import DIVERGENCES, NORM_TYPES, CriterionCWD
-from cwdseg.distill.kd import CriterionKD
-from cwdseg.distill.task import CriterionDSN
 from cwdseg.distill.afdcd import CriterionAfDCD
 from cwdseg.distill.bpkd import CriterionBPKD
 from cwdseg.distill.cirkd import CriterionCIRKDMemory, CriterionCIRKDMiniBatch
+from cwdseg.distill.cwd import DIVERGENCES, NORM_TYPES, CriterionCWD
+from cwdseg.distill.kd import CriterionKD
 from cwdseg.distill.lskd import CriterionLSKD
 from cwdseg.distill.mgd import CriterionMGD
 from cwdseg.distill.options import Option, OptionError
 from cwdseg.distill.taps import TapError, TapRecorder
+from cwdseg.distill.task import CriterionDSN
 
 __all__ = [
     "CriterionCWD", "CriterionDSN", "CriterionKD", "DIVERGENCES", "NORM_TYPES",

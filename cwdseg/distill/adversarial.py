@@ -1,7 +1,6 @@
 """Holistic distillation ("HO"): the WGAN-GP generator and critic losses of the original (SKD/CWD)."""
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor, nn
 

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cwdseg.distill._common import _match_size, _check_4d, _first_map, _fp32_region
+from cwdseg.distill._common import _check_4d, _first_map, _fp32_region, _match_size
 
 
 # --------------------------------------------------------------------------------------------------

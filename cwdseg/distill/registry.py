@@ -25,20 +25,20 @@ from typing import Any
 
 from torch import nn
 
+from cwdseg.distill.afdcd import CriterionAfDCD
 from cwdseg.distill.at import CriterionAT
+from cwdseg.distill.bpkd import CriterionBPKD
+from cwdseg.distill.cirkd import CriterionCIRKDMemory, CriterionCIRKDMiniBatch
 from cwdseg.distill.cwd import DIVERGENCES, NORM_TYPES, CriterionCWD
 from cwdseg.distill.dist import CriterionDIST
 from cwdseg.distill.fitnet import CriterionFitNet
 from cwdseg.distill.ifvd import CriterionIFV
 from cwdseg.distill.kd import CriterionKD
 from cwdseg.distill.local import CriterionLocal
-from cwdseg.distill.pairwise import CriterionPairWise
-from cwdseg.distill.afdcd import CriterionAfDCD
-from cwdseg.distill.bpkd import CriterionBPKD
-from cwdseg.distill.cirkd import CriterionCIRKDMemory, CriterionCIRKDMiniBatch
 from cwdseg.distill.lskd import CriterionLSKD
 from cwdseg.distill.mgd import CriterionMGD
 from cwdseg.distill.options import Option, OptionError, check_option, defaults
+from cwdseg.distill.pairwise import CriterionPairWise
 
 TAPS = ("logits", "feature")
 # Options every term takes: the layer it reads on the student / the teacher, by name (``logits``,

@@ -270,8 +270,12 @@ def build_criteria(cfg: RunConfig, models: Models, device: torch.device | None =
 
 def default_imagenet_init(arch: str) -> str:
     """Where the ImageNet initialisation of ``arch``'s backbone is expected: ``ckpt/<backbone>-imagenet.pth``
-    (``resnet18`` / ``resnet101`` deep stem, CSAIL's = CIRKD's file; ``mobilenetv2``, CIRKD's)."""
-    return f"ckpt/{canonical_arch(arch).split('_', 1)[1]}-imagenet.pth"
+    (``resnet18`` / ``resnet101`` deep stem, CSAIL's = CIRKD's file; ``mobilenetv2``, CIRKD's); for SegFormer
+    the ``nvidia/mit-b<N>`` folder as Hugging Face ships it, ``ckpt/mit-b<N>``."""
+    name = canonical_arch(arch)
+    if arch_spec(name).family == "segformer":
+        return f"ckpt/mit-{name.split('_', 1)[1]}"
+    return f"ckpt/{name.split('_', 1)[1]}-imagenet.pth"
 
 
 def maps_differ(teacher_arch: str, student_arch: str, input_size: tuple[int, int]) -> bool:

@@ -16,20 +16,21 @@ import torch
 from cwdseg import checkpoint as ckpt
 from cwdseg.config import RunConfig, to_dict
 from cwdseg.data.cityscapes import build_loader
+from cwdseg.data.errors import DatasetError
 from cwdseg.data.registry import build_dataset, dataset_info
 from cwdseg.data.sampling import TrainSampleStream
 from cwdseg.data.transforms import NORMALIZATIONS, Normalization
-from cwdseg.engine.build import Engine, Models, maps_differ
-from cwdseg.engine.distributed import DistInfo, barrier
-from cwdseg.engine.runlog import code_version
-from cwdseg.data.errors import DatasetError
-from cwdseg.engine.build import RANDOM
+from cwdseg.engine.build import RANDOM, Engine, Models, maps_differ
 from cwdseg.engine.compute import run_cost_from_folder, write_cost
+from cwdseg.engine.distributed import DistInfo, barrier
 from cwdseg.engine.precision import amp_dtype
-from cwdseg.engine.state import load_last, write_config as record_config
+from cwdseg.engine.runlog import code_version
+from cwdseg.engine.state import load_last
+from cwdseg.engine.state import write_config as record_config
 from cwdseg.engine.trackers import Trackers, prediction_panels
 from cwdseg.evaluation.loop import EvaluationError, build_eval_dataset, build_eval_loader, evaluate_model
 from cwdseg.evaluation.teacher_check import check_teacher, run_threshold
+
 
 class RunSetupError(RuntimeError):
     """A run that cannot be set up as asked (the batch split, a missing --resume file), with the fix."""

@@ -19,7 +19,6 @@ from cwdseg import checkpoint as ckpt
 from cwdseg.config import CONFIG_FORMAT, RunConfig, differences, to_dict
 from cwdseg.engine.build import RANDOM, Criteria, Engine, Models
 
-
 LAST_FORMAT = "cwd-seg/last/2"  # /2: the whole run configuration replaces /1's list of recipe keys
 
 
@@ -116,7 +115,13 @@ _DIGESTS: dict[tuple, str] = {}
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a file's bytes, cached per (path, size, mtime) so that each save does not re-read it."""
+    """sha256 of a file's bytes, cached per (path, size, mtime) so that each save does not re-read it; of a
+    folder (a Hugging Face model folder), over its files' relative names and digests, in sorted order."""
+    if Path(path).is_dir():
+        digest = hashlib.sha256()
+        for file in sorted(p for p in Path(path).rglob("*") if p.is_file()):
+            digest.update(f"{file.relative_to(path)}\0{file_sha256(file)}\n".encode())
+        return digest.hexdigest()
     st = os.stat(path)
     key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
     if key not in _DIGESTS:
@@ -141,7 +146,8 @@ def input_files(cfg: RunConfig) -> dict[str, str | None]:
 def check_input_files(cfg: RunConfig) -> None:
     """Refuse a missing weight file before anything is created (one line naming the flag)."""
     for role, path in input_files(cfg).items():
-        if path is not None and not Path(path).is_file():
+        hf_folder = Path(path or "").is_dir() and (Path(path) / "config.json").is_file()  # a Hugging Face model folder
+        if path is not None and not Path(path).is_file() and not hf_folder:
             what = "is a folder" if Path(path).is_dir() else "no such file"
             hint = ("; see ckpt/README.md for the released files, or pass random (smoke tests only)"
                     if role == "teacher" else f"; see ckpt/README.md, or pass {INPUT_FLAGS[role]} random")

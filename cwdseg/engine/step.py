@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from cwdseg.config import OptimConfig
 from cwdseg.distill import discriminator_wgan_gp_loss, generator_adversarial_loss
-from cwdseg.engine.build import Criteria, Engine, Models, Weights
 from cwdseg.distill.taps import TapRecorder
+from cwdseg.engine.build import Criteria, Engine, Models, Weights
 from cwdseg.engine.distributed import average_buffers, average_gradients
 from cwdseg.models.discriminator import MIN_INPUT_SIZE
 

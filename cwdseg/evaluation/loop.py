@@ -77,7 +77,7 @@ def load_model_file(path: str | Path, arch: str | None = None, num_classes: int 
     (``cwdseg.checkpoint.load_network``), which knows each registered layout.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.is_file() and not (path.is_dir() and (path / "config.json").is_file()):  # or a Hugging Face folder
         what = "is a folder, not a weight file" if path.is_dir() else "no such file"
         raise EvaluationError(f"--restore-from {path}: {what}; download the released checkpoints listed "
                               f"in README.md into ckpt/ or point the flag at your own file")

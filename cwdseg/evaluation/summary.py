@@ -20,8 +20,8 @@ from typing import Any, Iterable, Sequence
 
 from cwdseg.checkpoint import student_filename
 from cwdseg.config import CONFIG_FORMAT
-from cwdseg.distill.registry import PRESETS, spec_run_name
 from cwdseg.data.synthetic import MARKER_FILE as SYNTHETIC_MARKER
+from cwdseg.distill.registry import PRESETS, spec_run_name
 from cwdseg.engine.compute import logged_training
 from cwdseg.evaluation.stats import LEVEL, Difference, compare_to_baseline, mean_interval, welch_difference
 

@@ -36,8 +36,16 @@ from torch import nn
 from cwdseg.models.deeplabv3 import DeepLabV3, deeplabv3_mobilenetv2, deeplabv3_resnet18, deeplabv3_resnet101
 from cwdseg.models.pspnet import PSPNet, pspnet_resnet18, pspnet_resnet101
 from cwdseg.models.pspnet_mobile import PSPNetMobile, pspnet_mobilenetv2
-from cwdseg.models.segformer import (SegFormer, segformer_b0, segformer_b1, segformer_b2, segformer_b3, segformer_b4,
-                                     segformer_b5, stride4)
+from cwdseg.models.segformer import (
+    SegFormer,
+    segformer_b0,
+    segformer_b1,
+    segformer_b2,
+    segformer_b3,
+    segformer_b4,
+    segformer_b5,
+    stride4,
+)
 
 
 @dataclass(frozen=True)

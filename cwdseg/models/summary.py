@@ -35,7 +35,6 @@ from torch import nn
 from torch.func import functional_call
 
 
-
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The network inside DDP (``.module``) and torch.compile (``._orig_mod``) wrappers."""
     # DDP keeps the network in .module, torch.compile in ._orig_mod (possibly both).
