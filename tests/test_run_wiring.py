@@ -156,3 +156,19 @@ def test_an_unknown_tap_is_one_line_naming_the_available_ones(data_dir, tmp_path
     error = [line for line in proc.stderr.splitlines() if line.startswith("train.py: error:")]
     assert len(error) == 1 and "unknown tap 'layer9'" in error[0] and "stage1" in error[0] and "layer4" in error[0]
     assert not list(tmp_path.iterdir())  # nothing left behind
+
+
+def test_summarize_runs_pushes_the_table_to_a_tracker(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tests.test_stats import fabricate
+    from tools import summarize_runs
+
+    for seed, miou in enumerate((69.5, 70.3, 69.1)):
+        fabricate(tmp_path / "grid", f"baseline_seed{seed}", seed, miou, None)
+        fabricate(tmp_path / "grid", f"cwd_seed{seed}", seed, miou + 4, {"cwd": {"weight": 3.0, "tau": 4.0}})
+    assert summarize_runs.main([str(tmp_path / "grid"), "--out-dir", str(tmp_path / "out"), "--log-to",
+                                "tensorboard"]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    scalars = tensorboard_scalars(tmp_path / "out")
+    for row in summary["rows"]:
+        assert scalars[f"summary/{row['method']}/miou_mean"] == [(0, pytest.approx(row["miou_mean"]))]

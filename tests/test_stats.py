@@ -74,10 +74,15 @@ def fabricate(root: Path, name: str, seed: int, miou: float, distill: dict | Non
     """A run folder as train.py writes it (the files the summary reads)."""
     run = root / name
     run.mkdir(parents=True)
-    config = {"seed": seed, "distill_terms": distill or {}, "preset": None, "student_arch": "resnet18",
-              "num_steps": steps, "world_size": 1, "device": "cpu", "eval": eval_, "data_dir": "data/x",
-              "dataset": "cityscapes"}
-    (run / "config.json").write_text(json.dumps(config))
+    from cwdseg.config import CONFIG_FORMAT, RunConfig, to_dict
+
+    config = to_dict(RunConfig())
+    config["optim"].update(seed=seed, num_steps=steps)
+    config["distill"] = {"preset": None, "terms": distill or {}}
+    config["eval"]["final"] = eval_
+    config["data"]["root"] = "data/x"
+    (run / "config.json").write_text(json.dumps({"format": CONFIG_FORMAT, "config": config,
+                                                 "environment": {"world_size": 1, "device": "cpu"}}))
     if eval_:
         (run / "eval.json").write_text(json.dumps({"miou": miou / 100, "selection": "final-iteration"}))
     lines = [{"step": 9, "iter_ms": 100.0, "images_per_s": 20.0}, {"step": steps - 1, "iter_ms": 50.0,
