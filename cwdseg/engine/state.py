@@ -146,8 +146,10 @@ def input_files(cfg: RunConfig) -> dict[str, str | None]:
 def check_input_files(cfg: RunConfig) -> None:
     """Refuse a missing weight file before anything is created (one line naming the flag)."""
     for role, path in input_files(cfg).items():
-        hf_folder = Path(path or "").is_dir() and (Path(path) / "config.json").is_file()  # a Hugging Face model folder
-        if path is not None and not Path(path).is_file() and not hf_folder:
+        if path is None:
+            continue
+        hf_folder = Path(path).is_dir() and (Path(path) / "config.json").is_file()  # a Hugging Face model folder
+        if not Path(path).is_file() and not hf_folder:
             what = "is a folder" if Path(path).is_dir() else "no such file"
             hint = ("; see ckpt/README.md for the released files, or pass random (smoke tests only)"
                     if role == "teacher" else f"; see ckpt/README.md, or pass {INPUT_FLAGS[role]} random")
