@@ -57,8 +57,9 @@ def saved_bytes(fn) -> int:
     return sum(storages.values())
 
 
-def run(device: str = "cpu", shape: tuple[int, int, int, int] = (2, 256, 65, 65), dtypes: tuple[str, ...] = ("fp32", "bf16"),
-        impls: tuple[str, ...] | None = None, rounds: int = 7, number: int = 3) -> list[dict]:
+def run(device: str = "cpu", shape: tuple[int, int, int, int] = (2, 256, 65, 65),
+        dtypes: tuple[str, ...] = ("fp32", "bf16"), impls: tuple[str, ...] | None = None, rounds: int = 7,
+        number: int = 3) -> list[dict]:
     """Rows: impl, dtype, shape, ms (median, q1, q3, min, max, n, iqr), saved_mb, peak_mb, ratio, max_diff."""
     dev = torch.device(device)
     if impls is None:
@@ -76,11 +77,11 @@ def run(device: str = "cpu", shape: tuple[int, int, int, int] = (2, 256, 65, 65)
                 torch.manual_seed(0)
                 layers[impl] = convert_sync_abn(ABN(shape[1]).to(dev), kernels=impl).train()
 
-                def forward(impl: str = impl) -> torch.Tensor:
+                def forward(impl: str = impl, x=x, layers=layers) -> torch.Tensor:
                     xi = x.detach().requires_grad_(True)
                     return layers[impl](xi), xi
 
-                def step(forward=forward) -> None:
+                def step(forward=forward, dy=dy) -> None:
                     y, _ = forward()
                     y.backward(dy)
 
@@ -89,13 +90,13 @@ def run(device: str = "cpu", shape: tuple[int, int, int, int] = (2, 256, 65, 65)
                 y.backward(dy)
                 outputs[impl] = (y.detach().float(), xi.grad.float())
             ref = impls[0]
-            saved = {impl: saved_bytes(lambda impl=impl: forwards[impl]()[0]) for impl in impls}
+            saved = {impl: saved_bytes(lambda impl=impl, forwards=forwards: forwards[impl]()[0]) for impl in impls}
             peaks = {impl: _cuda_step_peak(steps[impl], dev) for impl in impls}
             timers = {impl: tbench.Timer(stmt="step()", globals={"step": steps[impl]},
                                          num_threads=torch.get_num_threads()) for impl in impls}
             per_call = {impl: [] for impl in impls}
 
-            def measure(impl: str, r: int) -> None:
+            def measure(impl: str, r: int, timers=timers, per_call=per_call) -> None:
                 seconds = timers[impl].timeit(number).mean
                 if r >= 0:  # warm-up rounds are negative
                     per_call[impl].append(seconds)
@@ -110,7 +111,8 @@ def run(device: str = "cpu", shape: tuple[int, int, int, int] = (2, 256, 65, 65)
                     "impl": impl, "dtype": dtype_name, "shape": list(shape), "device": _device_name(dev),
                     "ms": s.as_dict(), "saved_mb": saved[impl] / 2**20, "peak_mb": peaks[impl],
                     "ratio": s.median / ref_summary.median, "max_diff_vs_" + ref: diff,
-                    "warning": None if impl == ref else stats.ratio_warning(s, ref_summary, f"{impl} vs {ref} ({dtype_name})"),
+                    "warning": None if impl == ref else stats.ratio_warning(s, ref_summary,
+                                                                           f"{impl} vs {ref} ({dtype_name})"),
                 })
     finally:
         dist.destroy_process_group()

@@ -62,11 +62,16 @@ def bench(name, size, root, samples) -> None:
     for i in range(samples):
         idx, seed = i % len(ds), 100 + i
         s = ds.samples[idx]
-        t = time.perf_counter(); a_img, a_lab = cirkd(s.image, s.label, lut, CROPS[name], np.random.default_rng(seed)); ref.append(time.perf_counter() - t)
-        t = time.perf_counter(); img, lab, _ = ds[(idx, seed)]; ours.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        a_img, a_lab = cirkd(s.image, s.label, lut, CROPS[name], np.random.default_rng(seed))
+        ref.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        img, lab, _ = ds[(idx, seed)]
+        ours.append(time.perf_counter() - t)
         assert np.array_equal(img.numpy(), a_img) and np.array_equal(lab.numpy(), a_lab)
     o, r = statistics.median(ours) * 1e3, statistics.median(ref) * 1e3
-    print(f"{name:10s} {size[0]}x{size[1]} crop {CROPS[name]}: float pipeline {r:6.1f} ms, ours {o:6.1f} ms, ratio {o / r:.2f}, outputs identical")
+    print(f"{name:10s} {size[0]}x{size[1]} crop {CROPS[name]}: float pipeline {r:6.1f} ms, ours {o:6.1f} ms, "
+          f"ratio {o / r:.2f}, outputs identical")
 
 
 if __name__ == "__main__":

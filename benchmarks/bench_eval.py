@@ -54,7 +54,7 @@ def run(
     rows = []
     for mode in modes:
         for amp in amps:
-            def once(inp: torch.Tensor = x) -> None:
+            def once(inp: torch.Tensor = x, mode=mode, amp=amp) -> None:
                 logits = predict_logits(model, inp, mode=mode, tile=tile, overlap=overlap, tile_batch=tile_batch,
                                         amp_dtype=AMP_DTYPES[amp])
                 logits.argmax(1)

@@ -23,7 +23,8 @@ calling thread (``CPU ms``: what the sample costs its core, less sensitive to ot
 wall time) and its ratio to the PNG path (and to the original), with a warning where the spread is larger than
 the difference. Loader rows time
 ``build_loader`` batches of 8 with ``--workers`` processes in windows of batches after the start-up batches
-(spread over windows); they run one after the other (loaders with their own prefetching workers cannot be interleaved meaningfully).
+(spread over windows); they run one after the other (loaders with their own prefetching workers cannot be
+interleaved meaningfully).
 Without ``--data-root`` a synthetic dataset of 1024x2048 images (the Cityscapes size) is generated into a
 temporary folder.
 """
@@ -199,7 +200,8 @@ def _run(data_root: str | None, samples: int, workers: int, quick: bool) -> list
 def format_table(rows: list[dict]) -> str:
     """The rows of ``run`` as a text table: median ms/sample with IQR and min-max, ratios, warnings."""
     lines = [f"loader, {CROP[0]}x{CROP[1]} crops, PNG decoder: {_decoder()}",
-             f"{'':46s} {'ms/sample':>9s} {'IQR':>13s} {'min-max':>13s} {'CPU ms':>6s} {'img/s':>7s} {'/PNG':>5s} {'/orig':>5s}  "
+             f"{'':46s} {'ms/sample':>9s} {'IQR':>13s} {'min-max':>13s} {'CPU ms':>6s} {'img/s':>7s} "
+             f"{'/PNG':>5s} {'/orig':>5s}  "
              "note"]
     warnings = []
     for row in rows:
@@ -207,7 +209,8 @@ def format_table(rows: list[dict]) -> str:
         png = "" if row["ratio_to_png"] is None else f"{row['ratio_to_png']:.3f}"
         orig = "" if row["ratio_to_original"] is None else f"{row['ratio_to_original']:.2f}"
         cpu = "" if row.get("cpu_ms") is None else f"{row['cpu_ms']:.2f}"
-        lines.append(f"{row['name']:46s} {s['median']:9.2f} {s['q1']:6.2f}-{s['q3']:<6.2f} {s['min']:6.2f}-{s['max']:<6.2f} "
+        lines.append(f"{row['name']:46s} {s['median']:9.2f} {s['q1']:6.2f}-{s['q3']:<6.2f} "
+                     f"{s['min']:6.2f}-{s['max']:<6.2f} "
                      f"{cpu:>6s} {row['images_per_s']:7.1f} {png:>5s} {orig:>5s}  {row['note']}")
         if row.get("warning"):
             warnings.append(row["warning"])

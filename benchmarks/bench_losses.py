@@ -27,8 +27,6 @@ import stats
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-
 from cwdseg.distill import (
     CriterionCWD,
     CriterionDSN,
@@ -51,6 +49,8 @@ from cwdseg.models import build_model
 from cwdseg.models.connector import FeatureConnector
 from cwdseg.models.discriminator import Discriminator
 from cwdseg.models.summary import arch_macs
+
+ROOT = Path(__file__).resolve().parents[1]
 
 NUM_CLASSES = 19
 
@@ -134,7 +134,8 @@ def _comparison_cases(s_logits, t_logits, s_feat, t_feat, labels, connector, sha
              lambda: ifv(s_feat, t_feat, labels).backward()),
         Case("FitNet", f"1x1 conv regressor + MSE, {fshape}", lambda: fit(regressor(s_feat), t_feat).backward()),
         Case("DIST", f"inter/intra-class Pearson of {shape}", lambda: dist(s_logits, t_logits).backward()),
-        Case("PI feature", f"connector + channel-softmax KL, {fshape}", lambda: kd(connector(s_feat), t_feat).backward()),
+        Case("PI feature", f"connector + channel-softmax KL, {fshape}",
+             lambda: kd(connector(s_feat), t_feat).backward()),
     ]
 
 
@@ -167,7 +168,8 @@ def _new_term_cases(device: torch.device, batch: int, crop: tuple[int, int]) -> 
              lambda: cwd(connector(s_feat), t_feat).backward()),
         Case("LS-KD", f"z-score + pixel KL T=2 on {shape}", lambda: lskd(s_logits, t_logits).backward()),
         Case("CIRKD pixel KD", f"pixel KL T=1 (class sum) on {shape}", lambda: cirkd_kd(s_logits, t_logits).backward()),
-        Case("CIRKD mini-batch", f"B^2={batch * batch} PxP relations (P={h * w}), rows recomputed in backward, {fshape}",
+        Case("CIRKD mini-batch",
+             f"B^2={batch * batch} PxP relations (P={h * w}), rows recomputed in backward, {fshape}",
              lambda: batch_rel(s_feat, t_feat).backward()),
         Case("CIRKD memory", f"projection head, enqueue, 216+54 per class x 19 contrast, {fshape}",
              lambda: memory(s_feat, t_feat, labels).backward()),
@@ -195,7 +197,8 @@ def run_new_terms(device: str = "cpu", batch: int = 8, crop: tuple[int, int] = (
 
 def format_new_terms(rows: list[dict]) -> str:
     """The rows as a Markdown table (ms, IQR, min-max, ratios to CWD)."""
-    lines = ["| term | what | ms, median | IQR | min–max | / CWD feature | / CWD logits |", "|---|---|---|---|---|---|---|"]
+    lines = ["| term | what | ms, median | IQR | min–max | / CWD feature | / CWD logits |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         sp = {k: v * 1e3 for k, v in r["spread"].items() if k != "n"}
         lines.append(f"| {r['name']} | {r['what']} | {sp['median']:.1f} | {sp['q1']:.1f}–{sp['q3']:.1f} | "
@@ -266,7 +269,8 @@ def run(quick: bool = False, device: str = "cpu", batch: int = 8, crop: tuple[in
     student = rows[-2]["seconds"]
     networks = student + rows[-1]["seconds"]
     total = sum(r["seconds"] for r in rows[:-2] if r["name"] != "CWD feature" and r["name"] not in COMPARISON)
-    rows.insert(len(rows) - 2, {"name": "all losses", "what": "CE + CWD logits + KD + GAN (G and D): the heaviest recipe",
+    rows.insert(len(rows) - 2, {"name": "all losses",
+                                "what": "CE + CWD logits + KD + GAN (G and D): the heaviest recipe",
                                 "seconds": total, "spread": None, "measured_seconds": total, "measured_at": "full size",
                                 "scaled": False})
     for r in rows:
@@ -297,7 +301,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch", type=int, default=8, help="recipe batch for the losses and the scaled networks")
     p.add_argument("--crop", type=int, nargs=2, default=(512, 512), help="recipe crop")
-    p.add_argument("--net-batch", type=int, default=2, help="batch at which the networks are measured (>= 2: BatchNorm of the 1x1 PSP bin needs it in train mode)")
+    p.add_argument("--net-batch", type=int, default=2,
+                   help="batch at which the networks are measured "
+                        "(>= 2: BatchNorm of the 1x1 PSP bin needs it in train mode)")
     p.add_argument("--net-crop", type=int, nargs=2, default=None, help="crop at which the networks are measured")
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--quick", action="store_true")

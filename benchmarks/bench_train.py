@@ -133,15 +133,16 @@ def measure_one(setting: str, crop: tuple[int, int], batch: int, steps: int, war
     from cwdseg.engine.runlog import peak_tflops
     from cwdseg.models.summary import training_step_flops
 
-    flops = training_step_flops(cfg.models.student_arch, cfg.models.teacher_arch if models.teacher is not None else None,
-                                crop, batch)
+    flops = training_step_flops(cfg.models.student_arch,
+                                cfg.models.teacher_arch if models.teacher is not None else None, crop, batch)
     per_step = stats.summarize(times)
     seconds = per_step.median
     peak = peak_tflops(info.device)
     tflops = flops / seconds / 1e12
     return {
         "setting": setting, "student_arch": student_arch,
-        "teacher_arch": teacher_arch if models.teacher is not None else None, "ms_per_step": 1000 * seconds, "ms_per_step_spread": per_step.scaled(1e3).as_dict(),
+        "teacher_arch": teacher_arch if models.teacher is not None else None, "ms_per_step": 1000 * seconds,
+        "ms_per_step_spread": per_step.scaled(1e3).as_dict(),
         "images_per_s": batch / seconds, "tflops": tflops, "mfu": tflops / peak if peak else None,
         "peak_mem_mb": peak_mb, "data_ms": data_ms, "loader": loader, "loss": float(out["terms"]["total"]),
         "device_name": torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else "cpu",

@@ -44,7 +44,8 @@ from cwdseg.evaluation.loop import (
 from cwdseg.evaluation.media import read_image
 from cwdseg.export.normalization import from_dict, to_dict
 
-__all__ = ["load", "evaluate", "train", "evaluate_split", "Segmenter", "SegClass", "load_network", "class_table", "class_entries"]
+__all__ = ["load", "evaluate", "train", "evaluate_split", "Segmenter", "SegClass", "load_network", "class_table",
+           "class_entries"]
 
 Image = Union[np.ndarray, str, os.PathLike]
 
@@ -274,7 +275,8 @@ def evaluate_split(seg: Segmenter, data_dir: str | os.PathLike, *, dataset: str 
     default the one the segmenter's file records, else cityscapes."""
     dataset = dataset or seg.dataset or "cityscapes"
     if seg.is_onnx:
-        raise EvaluationError("evaluation runs PyTorch networks; give the .pth or .safetensors file, not the ONNX export")
+        raise EvaluationError("evaluation runs PyTorch networks; give the .pth or .safetensors file, "
+                              "not the ONNX export")
     from cwdseg.data.registry import dataset_info
 
     info = dataset_info(dataset, data_dir)

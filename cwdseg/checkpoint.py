@@ -12,7 +12,8 @@ Files handled:
 * **CIRKD family** (``winycg/CIRKD``): the DeepLabV3-ResNet101 Cityscapes teacher
   (``deeplabv3_resnet101_citys_best_model.pth``: ``pretrained.*`` ResNetV1s backbone, ``head.aspp.*``
   / ``head.block.*``, ``auxlayer.*``, BN ``num_batches_tracked``), its DeepLabV3-R18 / -MobileNetV2
-  and PSPNet-MobileNetV2 (``head.psp.*``) students, and the ImageNet initialisations ``resnet18-imagenet.pth`` / ``resnet101-imagenet.pth``
+  and PSPNet-MobileNetV2 (``head.psp.*``) students, and the ImageNet initialisations
+  ``resnet18-imagenet.pth`` / ``resnet101-imagenet.pth``
   (the same deep-stem layout as CSAIL's: top-level ``conv1..3``, ``layer1..4``, ``fc.*``; loaded
   under ``pretrained.``) and ``mobilenetv2-imagenet.pth`` (``features.0..18``, ``classifier.*``;
   ``features.0..17`` are loaded under ``pretrained.net.``, the 1x1 conv ``features.18`` and the
@@ -304,7 +305,8 @@ def _load_strict(model: nn.Module, sd: dict, path: Any, what: str) -> None:
                   if k in sd and sd[k].shape != target[k].shape]
     if missing or unexpected or mismatched:
         hints = _hints(sd, _arch_of(model), role=what.split()[0] if what.startswith(("teacher", "student")) else None)
-        if "head.weight" in sd and "head.weight" in target and sd["head.weight"].shape[0] != target["head.weight"].shape[0]:
+        if ("head.weight" in sd and "head.weight" in target
+                and sd["head.weight"].shape[0] != target["head.weight"].shape[0]):
             hints.insert(0, f"the file has {sd['head.weight'].shape[0]} classes, the model "
                             f"{target['head.weight'].shape[0]}: pass --num-classes {sd['head.weight'].shape[0]}")
         raise CheckpointError(_mismatch_report(path, what, missing, unexpected, mismatched, hints))

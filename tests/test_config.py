@@ -7,6 +7,7 @@ fed back with --config, resolves to the identical configuration; --demo combines
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 from pathlib import Path
 
@@ -227,6 +228,6 @@ def test_the_code_reads_the_configuration_not_the_arguments():
 
 def test_configuration_is_immutable_and_round_trips():
     cfg = train.resolve_config(["--preset", "pa_feat"])
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.optim.lr = 1.0  # type: ignore[misc]
     assert to_dict(from_dict(to_dict(cfg))) == to_dict(cfg)

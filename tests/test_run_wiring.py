@@ -96,7 +96,10 @@ def test_log_to_holds_each_step_once_after_a_kill_and_resume(data_dir, tmp_path)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     deadline = time.time() + 300
-    lines = lambda: (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
+
+    def lines():
+        return (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
+
     while time.time() < deadline and proc.poll() is None and len(lines()) < 3:
         time.sleep(0.05)
     assert proc.poll() is None, proc.communicate()

@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.list:
         for name, preset in PRESETS.items():
             published = f"{preset.published:.2f}" if preset.published is not None else "-"
-            print(f"{name:<14} {preset.method:<12} {preset.map:<12} paper {published:>6}  {' '.join(preset.terms) or '(none)'}")
+            print(f"{name:<14} {preset.method:<12} {preset.map:<12} paper {published:>6}  "
+                  f"{' '.join(preset.terms) or '(none)'}")
         return 0
     if a.budget == "time" and not a.dry_run:
         try:

@@ -111,7 +111,8 @@ def train_value_errors(cfg, typed: dict) -> list[str]:
         errors.append(f"--input-size must be two positive sizes H,W, got {d.crop_size}")
     elif min(d.crop_size) < 4 * OUTPUT_STRIDE:
         errors.append(f"--input-size {d.crop_size[0]},{d.crop_size[1]} gives maps of under 4x4 at the networks' "
-                      f"output stride {OUTPUT_STRIDE}; use crops of at least {4 * OUTPUT_STRIDE} px (the recipe: 512,512)")
+                      f"output stride {OUTPUT_STRIDE}; use crops of at least {4 * OUTPUT_STRIDE} px "
+                      "(the recipe: 512,512)")
     for error in (class_count_error("--num_classes", d.num_classes, d.dataset),
                   writable_folder_error("--save-dir", cfg.output.save_dir)):
         if error:

@@ -148,7 +148,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("distillation")
     g.add_argument("--cwd", **flag, help="channel-wise distillation")
     g.add_argument("--cwd-feat", **flag,
-                   help="CWD on the head feature (PSP / DeepLabV3 head) through a 1x1 connector instead of on the logits")
+                   help="CWD on the head feature (PSP / DeepLabV3 head) through a 1x1 connector "
+                        "instead of on the logits")
     g.add_argument("--norm-type", choices=["channel", "spatial", "channel_mean", "none"])
     g.add_argument("--divergence", choices=["kl", "mse"])
     g.add_argument("--temperature", type=float, help="CWD temperature (forced to 1 with mse)")
@@ -189,7 +190,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-dir", help="runs are written to SAVE_DIR/SAVE_NAME/")
     g.add_argument("--save-name", help="run name; none: built like exp_cwd.sh's")
     g.add_argument("--exp-name",
-                   help="run name built by exp_cwd.sh; the architectures are appended when they are not the paper's pair")
+                   help="run name built by exp_cwd.sh; the architectures are appended when they are not "
+                        "the paper's pair")
     g.add_argument("--save-every", "--save-ckpt-every", dest="save_every", type=int,
                    help="also write city_<step>_G.pth every N steps (0: only at the end, as the original)")
     g.add_argument("--save-last-every", type=int,
@@ -286,7 +288,8 @@ def config_errors(cfg: RunConfig, typed: dict[str, Any]) -> list[str]:
     if typed.get("cwd_feat") and not typed.get("cwd"):
         errors.append("--cwd-feat True needs --cwd True (it selects where CWD is applied)")
     if typed.get("divergence") == "mse" and typed.get("temperature", 1.0) != 1.0:
-        print(f"note: --divergence mse uses temperature 1 (as the original); --temperature {typed['temperature']} ignored")
+        print(f"note: --divergence mse uses temperature 1 (as the original); "
+              f"--temperature {typed['temperature']} ignored")
     return errors + train_value_errors(cfg, typed)
 
 

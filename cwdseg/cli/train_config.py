@@ -83,7 +83,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"--config {path}: no such file" + (" (a folder: give its config.json)" if path.is_dir() else ""))
+        raise ConfigError(f"--config {path}: no such file"
+                          + (" (a folder: give its config.json)" if path.is_dir() else ""))
     try:
         data = yaml.safe_load(path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
@@ -265,7 +266,8 @@ def run_name(typed: dict[str, Any], data: dict[str, Any], preset: str | None, sp
     elif typed.get("preset") or typed.get("distill") or not any(typed.get(k) for k in ("cwd", "kd", "adv")):
         name = spec_run_name(spec, preset) if spec or preset else "baseline"
     else:
-        legacy, tau = legacy_options(typed), spec["cwd"]["tau"] if "cwd" in spec else legacy_options(typed)["temperature"]
+        legacy, tau = (legacy_options(typed),
+                       spec["cwd"]["tau"] if "cwd" in spec else legacy_options(typed)["temperature"])
         name = "_".join([str(legacy["kd"]), str(legacy["adv"]), str(legacy["cwd_feat"]), legacy["norm_type"],
                          legacy["divergence"], f"{legacy['lambda_cwd']:g}", f"{tau:g}", "train"])
     return name + arch_tag(typed.get("teacher_arch_resolved"), typed.get("student_arch_resolved"), bool(spec))

@@ -165,7 +165,8 @@ class SegmentationDataset(Dataset):
         self.random_mirror = random_mirror
         self.ignore_label = ignore_label
         self.normalization = normalization
-        self.uint8_images = uint8_images  # (4, H, W) uint8 out, normalised on the device (Normalization.to_float_tensor)
+        # (4, H, W) uint8 out, normalised on the device (Normalization.to_float_tensor)
+        self.uint8_images = uint8_images
         self._mean_lut = normalization.lut()
         self._lut = info.label_lut(ignore_label)
         self._source = source

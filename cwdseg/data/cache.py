@@ -182,7 +182,8 @@ def _problem(data_path: Path, index_path: Path, pairs: Sequence[Pair], checksum:
         return "stale: source files changed since it was built (size or modification time)", None
     size = data_path.stat().st_size if data_path.is_file() else None
     if size != data_bytes:
-        return f"damaged: {data_path} is {size if size is not None else 'missing'} bytes, its index says {data_bytes}", None
+        return (f"damaged: {data_path} is {size if size is not None else 'missing'} bytes, "
+                f"its index says {data_bytes}"), None
     offset = 0
     for e in entries:
         if e["offset"] != offset or e["height"] <= 0 or e["width"] <= 0:

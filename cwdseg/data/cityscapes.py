@@ -380,7 +380,8 @@ class CityscapesDataset(Dataset):
     (or, with ``uint8_images=True``, uint8 [4, H, W]: the picture in the network's channel order and a
     content mask, 255 image / 0 padding, which ``normalization.to_float_tensor`` turns on the device into
     exactly the float32 image)
-    (by default BGR minus ``IMG_MEAN_BGR``, as the original; see ``normalization``; padding 0.0), label uint8 [H, W] of trainIds with ``ignore_label``
+    (by default BGR minus ``IMG_MEAN_BGR``, as the original; see ``normalization``; padding 0.0), label
+    uint8 [H, W] of trainIds with ``ignore_label``
     (all ``ignore_label`` for an unlabelled test image), and the sample name. With a seed, every random
     choice (scale, crop offset, mirror) draws from ``np.random.default_rng(seed)``, so a key gives the same
     sample in any process. With a plain index, the seed is drawn from torch's global generator, which
@@ -433,7 +434,8 @@ class CityscapesDataset(Dataset):
                 self.samples = _to_train_id_files(self.samples, str(list_path))
             source = f"list {list_path}"
         self.normalization = normalization  # the weights' input convention (default: the original's)
-        self.uint8_images = uint8_images  # (4, H, W) uint8 out, normalised on the device (Normalization.to_float_tensor)
+        # (4, H, W) uint8 out, normalised on the device (Normalization.to_float_tensor)
+        self.uint8_images = uint8_images
         self._mean_lut = normalization.lut()
         self._luts = {train_ids: _label_lut(train_ids, ignore_label) for train_ids in (False, True)}
         self._cache: _DecodedCache | None = None

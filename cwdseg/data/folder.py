@@ -29,11 +29,12 @@ from cwdseg.data.info import IGNORE_INDEX, DatasetInfo
 
 CLASSES_FILE = "classes.json"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
-LAYOUT = """  <root>/classes.json        {"classes": [{"name": ..., "value": 0, "color": [r, g, b]}, ...], "ignore": [255]}
-  <root>/images/<stem>.jpg|png ...
-  <root>/labels/<stem>.png             (class values, as classes.json names them)
-  <root>/splits/train.txt, val.txt     (one <stem> per line)
-  or, instead of splits/: <root>/images/<split>/ and <root>/labels/<split>/"""
+LAYOUT = ('  <root>/classes.json        {"classes": [{"name": ..., "value": 0, "color": [r, g, b]}, ...], '
+          '"ignore": [255]}\n'
+          "  <root>/images/<stem>.jpg|png ...\n"
+          "  <root>/labels/<stem>.png             (class values, as classes.json names them)\n"
+          "  <root>/splits/train.txt, val.txt     (one <stem> per line)\n"
+          "  or, instead of splits/: <root>/images/<split>/ and <root>/labels/<split>/")
 
 
 def _fail(path: Path, message: str) -> DatasetError:
@@ -66,7 +67,8 @@ def load_classes(root: str | os.PathLike) -> DatasetInfo:
             raise _fail(path, f"class {entry['name']!r}: value must be an int in 0..255, got {value!r}")
         if color is None:
             color = [int(c) for c in np.random.default_rng(k).integers(0, 256, 3)]  # a fixed colour per index
-        if not (isinstance(color, list) and len(color) == 3 and all(isinstance(c, int) and 0 <= c <= 255 for c in color)):
+        if not (isinstance(color, list) and len(color) == 3
+                and all(isinstance(c, int) and 0 <= c <= 255 for c in color)):
             raise _fail(path, f"class {entry['name']!r}: color must be [r, g, b] with ints in 0..255, got {color!r}")
         names.append(entry["name"])
         values.append(value)

@@ -36,7 +36,8 @@ class DatasetInfo:
     def __post_init__(self) -> None:
         n = len(self.class_names)
         if self.colors.shape != (n, 3) or self.colors.dtype != np.uint8:
-            raise ValueError(f"{self.name}: colours must be ({n}, 3) uint8, got {self.colors.shape} {self.colors.dtype}")
+            raise ValueError(f"{self.name}: colours must be ({n}, 3) uint8, "
+                             f"got {self.colors.shape} {self.colors.dtype}")
         if self.file_to_class.shape != (256,) or self.valid_values.shape != (256,):
             raise ValueError(f"{self.name}: lookup tables must have 256 entries")
         for table in (self.colors, self.file_to_class, self.valid_values):
@@ -74,7 +75,8 @@ class DatasetInfo:
         return lut
 
 
-def offset_table(num_classes: int, first_value: int, ignored: Sequence[int], max_value: int) -> tuple[np.ndarray, np.ndarray]:
+def offset_table(num_classes: int, first_value: int, ignored: Sequence[int],
+                 max_value: int) -> tuple[np.ndarray, np.ndarray]:
     """``file_to_class`` / ``valid_values`` for files storing class ``k`` as ``first_value + k``.
 
     ``ignored`` values map to ``IGNORE_INDEX``; values above ``max_value`` (that are not ignored) are invalid.

@@ -232,7 +232,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", default="cityscapes", choices=DATASET_NAMES, help="layout (default: %(default)s)")
     parser.add_argument("--train", type=int, default=8, help="training images (default: %(default)s)")
     parser.add_argument("--val", type=int, default=2, help="validation images (default: %(default)s)")
-    parser.add_argument("--test", type=int, default=1, help="test images, where the layout has them (default: %(default)s)")
+    parser.add_argument("--test", type=int, default=1,
+                        help="test images, where the layout has them (default: %(default)s)")
     parser.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"),
                         help=f"image height and width (default per dataset: {DEFAULT_SIZES})")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")

@@ -124,7 +124,8 @@ def _region_resize_exact() -> bool:
     if not _WARNED:
         _WARNED.append(True)
         warnings.warn(f"OpenCV {cv2.__version__}'s resize differs from the fixed-point model of "
-                      "cwdseg.data.region_resize; the random scale resizes whole images (exact, but slower).")
+                      "cwdseg.data.region_resize; the random scale resizes whole images (exact, but slower).",
+                      stacklevel=2)
     return False
 
 

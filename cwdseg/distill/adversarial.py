@@ -48,7 +48,8 @@ def gradient_penalty(
     ``generator`` optionally seeds alpha. Returns a float32 scalar.
     """
     if real.shape != fake.shape:
-        raise ValueError(f"gradient_penalty: real and fake differ in shape: real {tuple(real.shape)} vs fake {tuple(fake.shape)}")
+        raise ValueError(f"gradient_penalty: real and fake differ in shape: real {tuple(real.shape)} "
+                         f"vs fake {tuple(fake.shape)}")
     with _fp32_region(real.device):
         real = real.detach().float()
         fake = fake.detach().float()

@@ -48,7 +48,8 @@ def omni_contrastive(preds: Tensor, targets: Tensor, groups: int, patch: int, po
     vectors of every *other* group at any position of the patch; similarity = minus the L1 distance:
 
     .. math:: L = \frac{1}{N h w} \sum_{\text{anchors } a} -\log
-              \frac{e^{-\|x_a - y_a\|_1/\tau}}{e^{-\|x_a - y_a\|_1/\tau} + \sum_{b: g(b) \ne g(a)} e^{-\|x_a - y_b\|_1/\tau}}
+              \frac{e^{-\|x_a - y_a\|_1/\tau}}{e^{-\|x_a - y_a\|_1/\tau}
+              + \sum_{b: g(b) \ne g(a)} e^{-\|x_a - y_b\|_1/\tau}}
 
     with h, w the pooled size (``CrossEntropyLoss(reduction='sum') / (H*W)`` then ``/ BS``). Pooled rows
     and columns beyond the last whole patch are dropped (the authors' ``view`` fails on them).
@@ -58,7 +59,8 @@ def omni_contrastive(preds: Tensor, targets: Tensor, groups: int, patch: int, po
     n, c, h, w = preds.shape
     h, w = h - h % patch, w - w % patch
     if h == 0 or w == 0:
-        raise ValueError(f"Af-DCD contrast: the pooled map {tuple(preds.shape)} is smaller than one {patch}x{patch} patch")
+        raise ValueError(f"Af-DCD contrast: the pooled map {tuple(preds.shape)} is smaller than one "
+                         f"{patch}x{patch} patch")
     preds, targets = preds[:, :, :h, :w], targets[:, :, :h, :w]
     x = patch_group_vectors(preds, groups, patch)
     y = patch_group_vectors(targets, groups, patch)
@@ -129,7 +131,8 @@ class CriterionAfDCD(nn.Module):
         mask[:, :, h // 3:2 * h // 3, w // 3:2 * w // 3] = 0
         return mask
 
-    def parts(self, s: Tensor, t: Tensor, labels: Tensor | None = None, mask: Tensor | None = None) -> dict[str, Tensor]:
+    def parts(self, s: Tensor, t: Tensor, labels: Tensor | None = None,
+              mask: Tensor | None = None) -> dict[str, Tensor]:
         s = _match_size(s, t, True, "CriterionAfDCD")
         aligned = self.align(s)
         if mask is None:

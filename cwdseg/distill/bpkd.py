@@ -81,7 +81,8 @@ class CriterionBPKD(nn.Module):
         if labels is None:
             raise ValueError("CriterionBPKD needs the labels (its edge band comes from them); pass labels=")
         if s.shape[1] != t.shape[1]:
-            raise ValueError(f"CriterionBPKD: class counts differ: student {tuple(s.shape)} vs teacher {tuple(t.shape)}")
+            raise ValueError(f"CriterionBPKD: class counts differ: student {tuple(s.shape)} "
+                             f"vs teacher {tuple(t.shape)}")
         o, T = self.options, self.options["T"]
         with _fp32_region(s.device):
             t = wide(t.detach())

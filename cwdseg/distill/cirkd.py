@@ -106,7 +106,8 @@ class CriterionCIRKDMemory(nn.Module):
     :math:`\tau_k` = ``kd_tau``:
 
     .. math:: L_X = \frac{\tau_k^2}{|\Omega|} \sum_{p \in \Omega} \mathrm{KL}\big(
-              \mathrm{softmax}(t_p X^\top / \tau_c / \tau_k) \,\|\, \mathrm{softmax}(h(s)_p X^\top / \tau_c / \tau_k)\big),
+              \mathrm{softmax}(t_p X^\top / \tau_c / \tau_k) \,\|\,
+              \mathrm{softmax}(h(s)_p X^\top / \tau_c / \tau_k)\big),
               \qquad L = w_p L_{pixel} + w_r L_{region}
 
     Enqueue, per image and per class k present (ascending, ignore label excluded): region slot at

@@ -45,7 +45,8 @@ class CriterionDIST(nn.Module):
 
     def forward(self, s: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
         if s.shape[1] != t.shape[1]:
-            raise ValueError(f"CriterionDIST: class counts differ: student {tuple(s.shape)} vs teacher {tuple(t.shape)}")
+            raise ValueError(f"CriterionDIST: class counts differ: student {tuple(s.shape)} "
+                             f"vs teacher {tuple(t.shape)}")
         with _fp32_region(s.device):
             t = t.detach().float()
             s = _match_size(s.float(), t, self.resize, "CriterionDIST")

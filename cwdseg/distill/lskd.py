@@ -63,7 +63,8 @@ class CriterionLSKD(nn.Module):
 
     def forward(self, s: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
         if s.shape[1] != t.shape[1]:
-            raise ValueError(f"CriterionLSKD: class counts differ: student {tuple(s.shape)} vs teacher {tuple(t.shape)}")
+            raise ValueError(f"CriterionLSKD: class counts differ: student {tuple(s.shape)} "
+                             f"vs teacher {tuple(t.shape)}")
         with _fp32_region(s.device):
             t = wide(t.detach())
             s = _match_size(wide(s), t, True, "CriterionLSKD")

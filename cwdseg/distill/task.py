@@ -56,7 +56,8 @@ class CriterionDSN(nn.Module):
                 continue  # a network without an auxiliary head (MobileNetV2 students, as in CIRKD)
             _check_4d(x, f"CriterionDSN {name}")
             if x.shape[0] != target.shape[0]:
-                raise ValueError(f"CriterionDSN: batch sizes differ: {name} {tuple(x.shape)} vs target {tuple(target.shape)}")
+                raise ValueError(f"CriterionDSN: batch sizes differ: {name} {tuple(x.shape)} "
+                                 f"vs target {tuple(target.shape)}")
         target = target.long()
         with _fp32_region(logits.device):
             ce_main = self._ce(logits, target)

@@ -57,7 +57,8 @@ class DistillTerm(nn.Module):
         self.connector = connector
 
     def extra_repr(self) -> str:
-        return f"{self.name}: weight={self.weight:g}, student_tap={self.student_tap!r}, teacher_tap={self.teacher_tap!r}"
+        return (f"{self.name}: weight={self.weight:g}, student_tap={self.student_tap!r}, "
+                f"teacher_tap={self.teacher_tap!r}")
 
     def forward(self, taps_s: dict[str, torch.Tensor], taps_t: dict[str, torch.Tensor],
                 labels: torch.Tensor | None) -> torch.Tensor:
@@ -91,7 +92,8 @@ class Weights:
     gp: float = 0.0
 
     def record(self) -> dict[str, dict[str, float]]:
-        """``{"weights": {term: weight}}`` for each metrics line (adv: lambda_adv, d_*: lambda_d, lambda_d*lambda_gp)."""
+        """``{"weights": {term: weight}}`` for each metrics line
+        (adv: lambda_adv, d_*: lambda_d, lambda_d*lambda_gp)."""
         extra = {"adv_g": self.adv, "d_wgan": self.d, "d_gp": self.d * self.gp} if self.adv or self.d else {}
         return {"weights": {**self.terms, **extra}}
 
@@ -207,7 +209,8 @@ def build_models(cfg: RunConfig, info: DistInfo, log) -> Models:
 
     channels = tap_channels(cfg, student, teacher) if cfg.needs_teacher else {}
     connector = build_connectors(cfg, channels)
-    discriminator = Discriminator(in_channels=num_classes) if "adv" in cfg.distill.terms else None  # only when used (bug fix)
+    # only when used (bug fix)
+    discriminator = Discriminator(in_channels=num_classes) if "adv" in cfg.distill.terms else None
 
     mem = torch.channels_last if cfg.engine.channels_last else torch.contiguous_format
     for module in (student, teacher, connector, discriminator):
@@ -258,7 +261,8 @@ def build_criteria(cfg: RunConfig, models: Models, device: torch.device | None =
         s_tap, t_tap = taps_of(name, options)
         widths = {}
         if method_of(name).needs_channels:
-            widths = dict(student_channels=models.channels[("s", s_tap)], teacher_channels=models.channels[("t", t_tap)])
+            widths = dict(student_channels=models.channels[("s", s_tap)],
+                          teacher_channels=models.channels[("t", t_tap)])
         loss = build_term(name, options, num_classes, ignore_label, **widths)
         connector = models.connector[name] if models.connector is not None and name in models.connector else None
         criteria.terms[name] = DistillTerm(name, loss, options["weight"], s_tap, t_tap, connector)

@@ -321,7 +321,8 @@ class TrainJob(_Checkpointable):
         if rc != 0:
             raise RuntimeError(f"{self.job.name}: train.py exited with status {rc}; see {self.job.run_dir}")
         if job_status(self.job) != "done":
-            raise RuntimeError(f"{self.job.name}: stopped before the end (last.pth saved); run the grid again to resume")
+            raise RuntimeError(f"{self.job.name}: stopped before the end (last.pth saved); "
+                               "run the grid again to resume")
         record_cost(self.job)
         return self.job.run_dir
 

@@ -313,7 +313,8 @@ def demo_epilogue(cfg: RunConfig, student: Path) -> None:
                if cfg.needs_teacher and cfg.models.teacher_ckpt == "random" else "")
     print(f"demo finished: {teacher}real runs need a trained teacher and the real dataset (README: Quick start).\n"
           f"next: python evaluate.py --restore-from {student} --data-dir {cfg.data.root}{data}\n"
-          f"      python predict.py --restore-from {student} --input {val_images(cfg)} --output-dir outputs/demo_predict\n"
+          f"      python predict.py --restore-from {student} --input {val_images(cfg)} "
+          "--output-dir outputs/demo_predict\n"
           f"      python tools/export.py {student.parent} --out-dir outputs/demo_export")
 
 

@@ -78,7 +78,8 @@ def _require(module: str, extra: str):
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise TrackerError(f"--log-to {extra} needs the {extra} client library: pip install 'cwdseg[{extra}]'") from None
+        raise TrackerError(f"--log-to {extra} needs the {extra} client library: "
+                           f"pip install 'cwdseg[{extra}]'") from None
 
 
 def scalars_of_record(record: Mapping[str, Any]) -> dict[str, float]:

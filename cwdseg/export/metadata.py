@@ -133,7 +133,8 @@ def resolve_source(source: str | Path, select: str = "final", eval_json: str | P
     return src
 
 
-def class_table(class_names: Sequence[str] = CLASS_NAMES, colors: np.ndarray | Sequence = TRAIN_ID_COLORS) -> list[dict]:
+def class_table(class_names: Sequence[str] = CLASS_NAMES,
+                colors: np.ndarray | Sequence = TRAIN_ID_COLORS) -> list[dict]:
     """``[{"id", "name", "color": [r, g, b]}]``, the classes and their RGB colours in train-id order."""
     colors = np.asarray(colors)
     if len(class_names) != len(colors):

@@ -1,9 +1,9 @@
 """The model card of an export: a Markdown page written beside the exported files.
 
 It states what the files are (architecture, parameters, GMACs), what they expect (normalisation,
-classes), how they were made (the run configuration: distillation terms, the pair, data, crop and schedule), how good they are (the per-class IoU
-of the evaluation they come with) and, plainly, how the weights were selected: final-iteration, or
-chosen on the val set (an optimistic number), or unknown.
+classes), how they were made (the run configuration: distillation terms, the pair, data, crop and
+schedule), how good they are (the per-class IoU of the evaluation they come with) and, plainly, how
+the weights were selected: final-iteration, or chosen on the val set (an optimistic number), or unknown.
 """
 from __future__ import annotations
 
@@ -35,7 +35,8 @@ def _training_lines(training: dict[str, Any] | None) -> list[str]:
     if terms:
         for name, options in terms.items():
             opts = ", ".join(f"{k} {v}" for k, v in options.items() if k != "weight")
-            lines.append(f"| distillation term `{name}` | weight {options['weight']:g}" + (f"; {opts}" if opts else "") + " |")
+            lines.append(f"| distillation term `{name}` | weight {options['weight']:g}"
+                         + (f"; {opts}" if opts else "") + " |")
     else:
         lines.append("| distillation | none (the student trained alone on the labels) |")
     if preset:
@@ -50,7 +51,8 @@ def _training_lines(training: dict[str, Any] | None) -> list[str]:
                                                                           if data.get("train_list") else "")
                  + f", {data['num_classes']} classes, ignore label {data['ignore_label']} |")
     aug = [a for a, on in (("random scale", data["random_scale"]), ("mirror", data["random_mirror"])) if on]
-    lines.append(f"| crop | {data['crop_size'][0]}x{data['crop_size'][1]}" + (f", {' + '.join(aug)}" if aug else "") + " |")
+    lines.append(f"| crop | {data['crop_size'][0]}x{data['crop_size'][1]}"
+                 + (f", {' + '.join(aug)}" if aug else "") + " |")
     lines.append(f"| schedule | {sched['optimizer']} lr {sched['lr']:g}, momentum {sched['momentum']:g}, weight decay "
                  f"{sched['weight_decay']:g}, poly {sched['power']:g}"
                  + (f", head lr x{sched['head_lr_mult']:g}" if sched["head_lr_mult"] != 1 else "")

@@ -197,7 +197,8 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "ARCHS", "ARCH_ALIASES", "ARCH_NAMES", "ArchSpec", "DeepLabV3", "FEATURE_CHANNELS", "MODEL_BUILDERS",
-    "NORMALIZATION", "PAPER_PAIR", "PSP_FEATURE_CHANNELS", "PSPNet", "PSPNetMobile", "arch_spec", "build_model", "canonical_arch",
+    "NORMALIZATION", "PAPER_PAIR", "PSP_FEATURE_CHANNELS", "PSPNet", "PSPNetMobile", "arch_spec", "build_model",
+    "canonical_arch",
     "deeplabv3_mobilenetv2", "deeplabv3_resnet18", "deeplabv3_resnet101", "output_size", "pspnet_mobilenetv2",
     "pspnet_resnet18",
     "pspnet_resnet101", "Discriminator", "FeatureConnector", "SegFormer", "is_head_parameter",

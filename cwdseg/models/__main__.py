@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     macs = conv_macs_by_module(model, (h, w))
     params = count_parameters(model)
     aux = "aux head included" if spec.aux_head else "no aux head"
-    print(f"{spec.label} ({arch}): {params:,} parameters ({params / 1e6:.2f}M), {len(model.state_dict())} state_dict keys")
+    print(f"{spec.label} ({arch}): {params:,} parameters ({params / 1e6:.2f}M), "
+          f"{len(model.state_dict())} state_dict keys")
     print(f"input {h}x{w} -> logits {out_h}x{out_w}: {sum(macs.values()) / 1e9:.2f} GMACs "
           f"(conv multiply-accumulates of one image, {aux})")
     if spec.family == "cirkd":

@@ -86,7 +86,8 @@ class PSPNet(nn.Module):
     C_psp = 128 for ResNet-18 and 512 for ResNet-101. Logits are *not* upsampled to the input size.
     """
 
-    def __init__(self, block: type[BasicBlock] | type[Bottleneck], layers: Sequence[int], num_classes: int = 19) -> None:
+    def __init__(self, block: type[BasicBlock] | type[Bottleneck], layers: Sequence[int],
+                 num_classes: int = 19) -> None:
         super().__init__()
         if len(layers) != 4:
             raise ValueError(f"layers must list 4 stage depths, got {list(layers)}")
