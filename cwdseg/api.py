@@ -293,7 +293,8 @@ def evaluate_split(seg: Segmenter, data_dir: str | os.PathLike, *, dataset: str 
     results = evaluate_model(seg.model, loader, num_classes=seg.num_classes, mode=mode, tile=tuple(tile),
                              overlap=overlap, scales=tuple(scales), flip=flip, device=seg.device, amp=seg.amp,
                              save_dir=save_dir, split=split, progress=progress, tile_batch=tile_batch, info=info)
-    results["checkpoint"] = {"path": str(seg.source.resolve()) if seg.source else None,
+    results["checkpoint"] = {"given_as": str(seg.source) if seg.source else None,  # the legend of a later --compare
+                             "path": str(seg.source.resolve()) if seg.source else None,
                              "sha256": sha256_file(seg.source) if seg.source else None,
                              "arch": seg.arch, "normalization": seg.normalization.name}
     results["data"] = {"dataset": dataset, "data_dir": str(Path(data_dir).resolve()), "data_list": data_list,

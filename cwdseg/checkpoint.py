@@ -611,8 +611,8 @@ def read_hf_folder(path: str | os.PathLike) -> "OrderedDict[str, torch.Tensor]":
     folder = Path(path)
     config = folder / "config.json"
     if not config.is_file():
-        raise CheckpointError(f"{folder}: a folder without config.json is not a Hugging Face model folder; "
-                              f"{SEGFORMER_FILES_HELP}")
+        raise CheckpointError(f"{folder}: is a folder, not a file (and without config.json, not a Hugging Face model "
+                              f"folder); give a weight file, or {SEGFORMER_FILES_HELP}")
     try:
         model_type = json.loads(config.read_text()).get("model_type")
     except (ValueError, OSError) as e:

@@ -51,7 +51,7 @@ def _tuple(value: Any) -> Any:
 @dataclass(frozen=True)
 class DataConfig:
     dataset: str = "cityscapes"                  # a cwdseg.data.registry name
-    root: str = free("data/cityscapes")          # the dataset's folder
+    root: str = free("")                         # the dataset's folder ('' until resolved: $DATA_DIR, data/<dataset>)
     train_list: Optional[str] = None             # list file (image<TAB>label); None: scan the train split
     val_list: Optional[str] = free(None)
     crop_size: List[int] = field(default_factory=lambda: [512, 512])  # random crop H, W
@@ -61,7 +61,7 @@ class DataConfig:
     ignore_label: int = 255
     cache_images: bool = free(False)             # decoded training images in RAM
     image_cache: Optional[str] = free(None)      # memory-mapped decoded images (folder)
-    num_workers: int = free(2)
+    num_workers: Optional[int] = free(None)      # None until resolved: what fits the machine's cores
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "crop_size", _tuple(self.crop_size))

@@ -253,8 +253,8 @@ def test_budget_matched_grid_stretches_the_cheap_runs_and_their_schedule(data_di
         assert budget["stretch_exact"] == pytest.approx(top / cost, rel=1e-12)
         steps = round(2 * top / cost)
         assert budget["steps"] == steps and budget["stretch"] == steps / 2 and budget["matched_to"] == "cd_feat"
-        config = json.loads((run / "config.json").read_text())
-        assert config["num_steps"] == steps
+        optim = json.loads((run / "config.json").read_text())["config"]["optim"]
+        assert optim["num_steps"] == steps
         # what the run spent: the schedule's images and the models' FLOPs
         spent = json.loads((run / "cost.json").read_text())
         assert spent["images_seen"] == steps * 2 and spent["total_flops"] == pytest.approx(steps * cost, rel=1e-12)
@@ -262,7 +262,7 @@ def test_budget_matched_grid_stretches_the_cheap_runs_and_their_schedule(data_di
         lrs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in lrs] == list(range(steps))
         for r in lrs:
-            assert r["lr"] == pytest.approx(config["lr_g"] * (1 - r["step"] / steps) ** config["power"], rel=1e-12)
+            assert r["lr"] == pytest.approx(optim["lr"] * (1 - r["step"] / steps) ** optim["power"], rel=1e-12)
     assert json.loads((save_dir / "baseline_seed0" / "budget.json").read_text())["steps"] > 2
     summary = json.loads((save_dir / "summary.json").read_text())
     base_row = next(r for r in summary["rows"] if r["method"] == "baseline")

@@ -65,6 +65,21 @@ def check(command: str, synthetic: Path, tmp_path: Path) -> None:
     env = dict(os.environ, CITYSCAPES=str(synthetic))
     if command in quick_start():
         return  # run by CI as written
+    while argv and re.fullmatch(r"[A-Z_]+=\S*", argv[0]):  # VAR=value prefixes: the command after them is checked
+        argv = argv[1:]
+        command = shlex.join(argv)
+    if argv[:3] == ["pip", "install", "-e"]:  # the extras it names exist in setup.py
+        extras = re.fullmatch(r"\.\[(.*)\]", argv[3]).group(1).split(",")
+        setup = (ROOT / "setup.py").read_text()
+        assert all(f'"{extra}":' in setup for extra in extras), extras
+        return
+    if argv[0] in ("tensorboard", "wandb"):  # the trackers' own programs, installed with their extras
+        import shutil
+
+        assert shutil.which(argv[0]), f"{argv[0]} is not installed"
+        help_text = subprocess.run([argv[0], argv[1], "--help"], capture_output=True, text=True, timeout=120)
+        assert help_text.returncode == 0 or argv[0] == "tensorboard", help_text.stderr
+        return
     if argv[0] == "csDownload":
         help_text = subprocess.run(["csDownload", "-h"], capture_output=True, text=True, timeout=60).stdout
         for token in argv[1:]:

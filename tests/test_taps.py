@@ -62,8 +62,12 @@ def test_every_alias_of_every_arch_resolves_and_head_is_the_feature(arch):
     assert rec.taps["head"] is rec.taps["feature"]                     # the very tensor of output[2]
     assert rec.taps["head"].shape[1] == spec.feature_channels
     widths = [rec.taps[f"stage{i}"].shape[1] for i in range(1, 5)]
+    strides = [-(-48 // rec.taps[f"stage{i}"].shape[-1]) for i in range(1, 5)]
+    if spec.family == "segformer":  # MiT's four stages: the published widths, strides 4, 8, 16, 32
+        assert widths == ([32, 64, 160, 256] if arch == "segformer_b0" else [64, 128, 320, 512]), widths
+        assert strides == [4, 8, 16, 48 // 2], strides  # 48 px: 12, 6, 3, 2 (the last stage rounds up)
+        return
     assert widths in ([64, 128, 256, 512], [256, 512, 1024, 2048], [24, 32, 96, 320]), widths
-    strides = [48 // rec.taps[f"stage{i}"].shape[-1] for i in range(1, 5)]
     assert strides[1:] == [strides[1]] * 3 and strides[0] < strides[1]
 
 

@@ -146,6 +146,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     errors = eval_value_errors(args)
     if errors:
         parser.error("; ".join(errors))
+    if args.dataset is not None:  # what the flags alone decide, before any file is read
+        if args.official_check and args.dataset != "cityscapes":
+            parser.error("--official-check runs cityscapesscripts, which scores Cityscapes only; drop it for "
+                         f"--dataset {args.dataset}")
+        known = dataset_info(args.dataset, args.data_dir)
+        if args.num_classes is not None and args.num_classes != known.num_classes:
+            parser.error(f"--num-classes {args.num_classes} contradicts --dataset {args.dataset}, which has "
+                         f"{known.num_classes} classes; drop --num-classes")
     device = resolve_device(args.device, args.gpu)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # every image has the same size
@@ -189,8 +197,6 @@ def _evaluate(args: argparse.Namespace, segmenter: Any, dataset: str, compare: d
         tile_batch=args.tile_batch, scales=tuple(args.scales), flip=args.flip, short_side=args.short_side,
         batch_size=args.batch_size, num_workers=args.num_workers, save_dir=args.save_dir, progress=args.progress,
         log=lambda line: print(line, flush=True))
-    if isinstance(results.get("checkpoint"), dict):
-        results["checkpoint"]["given_as"] = args.restore_from  # the legend of a later --compare
 
     if results["miou"] is not None:
         print(format_table(results))

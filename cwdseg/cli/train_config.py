@@ -330,9 +330,13 @@ def build_config(typed: dict[str, Any]) -> RunConfig:
     preset, spec = resolve_terms(file_layers, demo_layer, typed, set_layer(typed.get("set") or []).get("distill"))
     data["distill"] = {"preset": preset, "terms": spec}
     resolve_fields(data)
-    if data["data"]["num_classes"] is None and data["data"]["dataset"] != "folder":
+    if data["data"]["dataset"] != "folder":
         # Known without reading any file; a folder dataset's count comes from its classes.json.
-        data["data"]["num_classes"] = dataset_info(data["data"]["dataset"]).num_classes
+        known, given = dataset_info(data["data"]["dataset"]), data["data"]["num_classes"]
+        if given is not None and given != known.num_classes and known.name != "cityscapes":  # (Cityscapes: checks.py)
+            raise ConfigError(f"--num-classes {given} contradicts --dataset {known.name}, which has {known.num_classes} "
+                              f"classes ({', '.join(known.class_names[:5])}, ...); drop --num-classes")
+        data["data"]["num_classes"] = given if given is not None else known.num_classes
     if not data["output"]["name"]:
         names = dict(typed, teacher_arch_resolved=data["models"]["teacher_arch"],
                      student_arch_resolved=data["models"]["student_arch"])

@@ -97,9 +97,12 @@ def prepare_run(cfg: RunConfig, info: DistInfo) -> tuple[RunConfig, int, object,
 def with_dataset_classes(cfg: RunConfig) -> RunConfig:
     """A folder dataset's class count, read from its classes.json once the data exist (the demo generates
     them after the configuration is resolved); the other datasets' counts are resolved already."""
-    if cfg.data.num_classes is not None:
+    info = dataset_info(cfg.data.dataset, cfg.data.root) if cfg.data.dataset == "folder" else None
+    if info is None:
         return cfg
-    info = dataset_info(cfg.data.dataset, cfg.data.root)
+    if cfg.data.num_classes is not None and cfg.data.num_classes != info.num_classes:
+        raise DatasetError(f"--num-classes {cfg.data.num_classes} contradicts the {info.num_classes} classes of "
+                           f"{cfg.data.root}/classes.json; drop --num-classes")
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_classes=info.num_classes))
 
 
