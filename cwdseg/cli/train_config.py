@@ -334,8 +334,9 @@ def build_config(typed: dict[str, Any]) -> RunConfig:
         # Known without reading any file; a folder dataset's count comes from its classes.json.
         known, given = dataset_info(data["data"]["dataset"]), data["data"]["num_classes"]
         if given is not None and given != known.num_classes and known.name != "cityscapes":  # (Cityscapes: checks.py)
-            raise ConfigError(f"--num-classes {given} contradicts --dataset {known.name}, which has {known.num_classes} "
-                              f"classes ({', '.join(known.class_names[:5])}, ...); drop --num-classes")
+            raise ConfigError(f"--num-classes {given} contradicts --dataset {known.name}, which has "
+                              f"{known.num_classes} classes ({', '.join(known.class_names[:5])}, ...); "
+                              "drop --num-classes")
         data["data"]["num_classes"] = given if given is not None else known.num_classes
     if not data["output"]["name"]:
         names = dict(typed, teacher_arch_resolved=data["models"]["teacher_arch"],
