@@ -41,6 +41,23 @@ def run(cmd: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
 
 
+def metric_lines(run_dir: Path) -> list[str]:
+    path = run_dir / "metrics.jsonl"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def kill_after_lines(cmd: list[str], run_dir: Path, lines: int) -> None:
+    """Start ``cmd`` in its own process group and SIGKILL the group once ``lines`` metric lines are written."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and len(metric_lines(run_dir)) < lines:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+
+
 def test_train_api_equals_the_command_line(data_dir, tmp_path):
     argv = ["--data-dir", str(data_dir), "--save-dir", str(tmp_path / "cli"), "--save-name", "r", *TINY,
             "--teacher-ckpt", "random", "--distill", "cwd=3", "kd=1", "--num-steps", "2", "--eval", "False"]
@@ -93,22 +110,11 @@ def test_log_to_holds_each_step_once_after_a_kill_and_resume(data_dir, tmp_path)
            *TINY, "--teacher-ckpt", "random", "--cwd", "True", "--num-steps", "5", "--save-last-every", "1",
            "--eval", "False", "--log-to", "tensorboard,mlflow"]
     run_dir = tmp_path / "t"
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    deadline = time.time() + 300
-
-    def lines():
-        return (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
-
-    while time.time() < deadline and proc.poll() is None and len(lines()) < 3:
-        time.sleep(0.05)
-    assert proc.poll() is None, proc.communicate()
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.communicate()
+    kill_after_lines(cmd, run_dir, 3)
     resumed = run(cmd)
     assert resumed.returncode == 0, resumed.stderr
     records = {}
-    for line in lines():  # a resumed run re-runs the steps after its last checkpoint: keep the last record
+    for line in metric_lines(run_dir):  # a resumed run re-runs the steps after its last checkpoint: keep the last
         record = json.loads(line)
         records[record["step"]] = record
     assert sorted(records) == [0, 1, 2, 3, 4]
@@ -137,15 +143,7 @@ def test_a_tap_no_model_exposes_trains_through_a_connector_and_resumes_bitwise(d
 
     cmd = [*base, "--save-name", "killed"]
     run_dir = tmp_path / "killed"
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and not (
-            (run_dir / "metrics.jsonl").exists() and len((run_dir / "metrics.jsonl").read_text().splitlines()) >= 2):
-        time.sleep(0.05)
-    assert proc.poll() is None, proc.communicate()
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.communicate()
+    kill_after_lines(cmd, run_dir, 2)
     resumed = run(cmd)
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stdout
