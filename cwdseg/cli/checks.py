@@ -1,5 +1,5 @@
 """Value checks of the command lines: each bad value is one line naming the flag, the value and the
-valid range, reported before any work starts (``resolve_args`` / ``evaluate.main`` call these).
+valid range, reported before any work starts (``train.resolve_config`` / ``evaluate.main`` call these).
 
 The domain checks that need a file (a list line without its label, a checkpoint of another class
 count, a resume from other files) live where the file is read; these are the ones a value alone decides.
