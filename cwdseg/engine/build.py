@@ -155,8 +155,9 @@ def named_tap_channels(cfg: RunConfig) -> dict[tuple[str, str], int]:
 def build_connectors(cfg: RunConfig, channels: dict[tuple[str, str], int] | None = None) -> nn.ModuleDict | None:
     """A connector (student -> teacher channels) for each term that asks for one: always (CWD on the
     feature, as the original; FitNet's regressor), or only when the channel counts differ (PI on features;
-    every term on a named tap). ``channels``: :func:`tap_channels` (the logits and head feature are known
-    without it)."""
+    every term on a named tap). ``channels``: :func:`tap_channels` of the run's models (default:
+    :func:`named_tap_channels`, which builds models only when a term reads a named tap)."""
+    channels = named_tap_channels(cfg) if channels is None else channels
     connectors = nn.ModuleDict()
     for name, options in cfg.distill.terms.items():
         if name == "adv" or method_of(name).needs_channels:  # those terms own their alignment layers
@@ -165,10 +166,7 @@ def build_connectors(cfg: RunConfig, channels: dict[tuple[str, str], int] | None
         policy = connector_policy(name, options)
         if s_tap not in STANDARD_TAPS or t_tap not in STANDARD_TAPS:
             policy = policy or "if_channels_differ"
-            s_ch, t_ch = channels[("s", s_tap)], channels[("t", t_tap)]
-        else:
-            s_ch = FEATURE_CHANNELS[cfg.models.student_arch] if s_tap == "feature" else cfg.data.num_classes
-            t_ch = FEATURE_CHANNELS[cfg.models.teacher_arch] if t_tap == "feature" else cfg.data.num_classes
+        s_ch, t_ch = channels[("s", s_tap)], channels[("t", t_tap)]
         if policy == "always" or (policy == "if_channels_differ" and s_ch != t_ch):
             if method_of(name).connector_kind == "conv":
                 connectors[name] = nn.Conv2d(s_ch, t_ch, kernel_size=1, bias=False)

@@ -156,11 +156,11 @@ def logged_training(run_dir: str | Path) -> dict[str, Any] | None:
 def step_cost_of_config(cfg: RunConfig) -> StepCost:
     """The step cost of a run configuration (architectures, crop, batch, distillation terms, classes); the
     connectors are built as train.py builds them (``cwdseg.engine.build.build_connectors``)."""
-    from cwdseg.engine.build import build_connectors, named_tap_channels
+    from cwdseg.engine.build import build_connectors
 
     m = cfg.models
     teacher = m.teacher_arch if cfg.needs_teacher else None
-    connectors = build_connectors(cfg, named_tap_channels(cfg)) if cfg.needs_teacher else None
+    connectors = build_connectors(cfg) if cfg.needs_teacher else None
     return step_cost(m.student_arch, teacher, tuple(cfg.data.crop_size), cfg.optim.batch_size, connectors,
                      cfg.data.num_classes or 19)
 
